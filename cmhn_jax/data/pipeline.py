@@ -1,0 +1,402 @@
+"""The grain input pipeline: raw examples -> preprocessed, batched, sharded.
+
+    MapDataset.source(raw examples of a split)
+      -> this process's shard ([shard_index::shard_count])
+      -> train: shuffle(seed) -> repeat(num_epochs) -> random_map(preprocess)
+         eval:  map(preprocess) -> pad to whole batches (`valid` marks padding)
+      -> batch -> to_iter_dataset (threads, prefetch) -> mp_prefetch (workers)
+
+Batching happens on the MapDataset, so batch i always holds the same examples:
+the batch sequence is the same for any number of workers, and an iterator's
+state (a small dict) restores it exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import dataclasses
+import math
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from cmhn_jax.data import audio as audio_lib
+from cmhn_jax.data import image as image_lib
+from cmhn_jax.data import sources
+from cmhn_jax.data import text as text_lib
+
+AUDIO_FEATURES = ("logmel", "waveform")
+AUGMENTS = ("none", "random_resized_crop")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+  """What a model and a trainer need to know about a pipeline's batches.
+
+  Attributes:
+    name, split: the dataset and split.
+    modalities: those present in the dataset, in ('image', 'text', 'audio')
+      order; the batch has arrays for these only (and `has_*` for all three).
+    num_examples: examples in the split, all shards together (COCO: one per
+      (image, caption) pair).
+    vocab_size, pad_id, max_text_len: text (vocab_size is None without text).
+    image_size: output image side.
+    audio_feature: 'logmel' or 'waveform'; n_mels; audio_frames: T of a
+      log-mel batch (B, T, n_mels), or S of a waveform batch (B, S).
+    audio_samples, sample_rate: waveform length and rate.
+    num_concepts: concept count (shapes: 64), None where unknown.
+    local_batch_size, global_batch_size: leading dims of a local / global batch.
+    num_batches: local batches in the pipeline (None when it repeats forever).
+  """
+
+  name: str
+  split: str
+  modalities: tuple[str, ...]
+  num_examples: int
+  vocab_size: int | None
+  pad_id: int
+  max_text_len: int
+  image_size: int
+  audio_feature: str
+  n_mels: int
+  audio_frames: int
+  audio_samples: int
+  sample_rate: int
+  num_concepts: int | None
+  local_batch_size: int
+  global_batch_size: int
+  num_batches: int | None
+
+
+def make_tokenizer(cfg, dataset: sources.Dataset):
+  if cfg.tokenizer == "word":
+    return text_lib.WordTokenizer(dataset.vocabulary(
+        int(cfg.vocab_min_count), int(cfg.vocab_max_size) or None))
+  return text_lib.HFTokenizer(cfg.tokenizer)
+
+
+class Preprocessor:
+  """Raw example -> fixed-shape numpy arrays (picklable, for worker processes)."""
+
+  def __init__(self, cfg, modalities, tokenizer, *, train: bool):
+    if cfg.audio_feature not in AUDIO_FEATURES:
+      raise ValueError(f"audio_feature must be one of {AUDIO_FEATURES}, got "
+                       f"{cfg.audio_feature!r}.")
+    if cfg.train_augment not in AUGMENTS:
+      raise ValueError(f"train_augment must be one of {AUGMENTS}, got "
+                       f"{cfg.train_augment!r}.")
+    self.modalities = tuple(modalities)
+    self.tokenizer = tokenizer
+    self.train = train
+    self.image_size = int(cfg.image_size)
+    self.mean = tuple(float(v) for v in cfg.image_mean)
+    self.std = tuple(float(v) for v in cfg.image_std)
+    self.augment = cfg.train_augment if train else "none"
+    self.crop_scale = tuple(float(v) for v in cfg.crop_scale)
+    self.text_len = int(cfg.text_max_len)
+    self.audio_feature = cfg.audio_feature
+    self.sample_rate = int(cfg.sample_rate)
+    self.n_mels = int(cfg.n_mels)
+    self.win = int(cfg.win_length)
+    self.hop = int(cfg.hop_length)
+    self.samples = int(round(float(cfg.max_audio_seconds) * self.sample_rate))
+    if self.samples < self.win:
+      raise ValueError("max_audio_seconds is shorter than one analysis window.")
+    self.frames = audio_lib.num_frames(self.samples, self.win, self.hop)
+
+  # Shapes of the outputs.
+  def empty(self) -> dict:
+    """A padding example: zeros, no modality, `valid` False, ids -1."""
+    out = {}
+    if "image" in self.modalities:
+      out["image"] = np.zeros((self.image_size, self.image_size, 3), np.float32)
+    if "text" in self.modalities:
+      out["text"] = np.full(self.text_len, self.tokenizer.pad_id, np.int32)
+      out["text_mask"] = np.zeros(self.text_len, bool)
+    if "audio" in self.modalities:
+      if self.audio_feature == "waveform":
+        out["audio"] = np.zeros(self.samples, np.float32)
+        out["audio_mask"] = np.zeros(self.samples, bool)
+      else:
+        out["audio"] = np.zeros((self.frames, self.n_mels), np.float32)
+        out["audio_mask"] = np.zeros(self.frames, bool)
+    for m in sources.MODALITIES:
+      out[f"has_{m}"] = np.bool_(False)
+    for k in ("concept", "group", "index", "instance"):
+      out[k] = np.int32(-1)
+    out["valid"] = np.bool_(False)
+    return out
+
+  def __call__(self, raw: dict, rng: np.random.Generator | None = None) -> dict:
+    out = self.empty()
+    if "image" in self.modalities and raw.get("image") is not None:
+      out["image"] = self._image(raw["image"], raw["name"], rng)
+      out["has_image"] = np.bool_(True)
+    if "text" in self.modalities and raw.get("text") is not None:
+      out["text"], out["text_mask"] = self.tokenizer.encode(raw["text"], self.text_len)
+      out["has_text"] = np.bool_(True)
+    if "audio" in self.modalities and raw.get("audio") is not None:
+      out["audio"], out["audio_mask"] = self._audio(raw["audio"], raw["audio_rate"], rng)
+      out["has_audio"] = np.bool_(True)
+    for k in ("concept", "group", "index", "instance"):
+      out[k] = np.int32(raw[k])
+    out["valid"] = np.bool_(True)
+    return out
+
+  def _image(self, img, name: str, rng) -> np.ndarray:
+    if isinstance(img, (bytes, np.bytes_)) or (
+        isinstance(img, np.ndarray) and img.dtype == object):
+      data = img.item() if isinstance(img, np.ndarray) else bytes(img)
+      img = image_lib.decode(data, name=name, min_size=self.image_size)
+    elif not (isinstance(img, np.ndarray) and img.ndim == 3):
+      raise image_lib.CorruptImageError(f"Image {name} is not an image array.")
+    if self.augment == "random_resized_crop" and rng is not None:
+      pixels = image_lib.random_resized_crop(img, self.image_size, rng,
+                                             scale=self.crop_scale)
+    else:
+      pixels = image_lib.resize_centre_crop(img, self.image_size)
+    return image_lib.normalize(pixels, self.mean, self.std)
+
+  def _audio(self, wave, rate: int, rng):
+    x = np.asarray(wave)
+    if x.dtype.kind in "iu":
+      x = x.astype(np.float32) / 32768.0
+    x = x.astype(np.float32)
+    if rate != self.sample_rate:
+      x = audio_lib.resample(x, rate, self.sample_rate)
+    n = len(x)
+    if n > self.samples:  # random crop in training, the start in eval
+      start = int(rng.integers(0, n - self.samples + 1)) if (
+          self.train and rng is not None) else 0
+      x, n = x[start:start + self.samples], self.samples
+    padded = np.zeros(self.samples, np.float32)
+    padded[:n] = x
+    if self.audio_feature == "waveform":
+      return padded, np.arange(self.samples) < n
+    feats = audio_lib.log_mel_spectrogram(
+        padded, sample_rate=self.sample_rate, n_mels=self.n_mels,
+        win_length=self.win, hop_length=self.hop)
+    return feats, audio_lib.frame_mask(n, self.samples, self.win, self.hop)
+
+  def train_fn(self, raw, rng):
+    return self(raw, rng)
+
+  def eval_fn(self, raw):
+    return self(raw, None)
+
+
+class _PaddedMapDataset(grain.MapDataset):
+  """`parent`, then copies of `pad` up to `length` elements."""
+
+  _MUTATES_ELEMENT_SPEC = False
+
+  def __init__(self, parent: grain.MapDataset, length: int, pad):
+    super().__init__(parent)
+    self._length = length
+    self._parent_length = len(parent)
+    self._pad = pad
+
+  def __len__(self):
+    return self._length
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    index %= self._length
+    if index < self._parent_length:
+      return self._parent[index]
+    return self._pad
+
+  def __str__(self):
+    return f"PaddedMapDataset(length={self._length})"
+
+
+def _stack(examples):
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+class _PipelineIterator(Iterator):
+  def __init__(self, pipeline: "DataPipeline", grain_iter):
+    self._pipeline = pipeline
+    self._it = grain_iter
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._it)
+
+  def get_state(self) -> dict:
+    return self._it.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._it.set_state(state)
+
+  def close(self) -> None:
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()
+
+
+class DataPipeline:
+  """Iterable over this process's batches (dicts of numpy arrays).
+
+  `iter(pipeline)` starts a new pass from the beginning, or from the state given
+  to `set_state` before it. `get_state()` is the state of the latest iterator:
+  a JSON-serialisable dict; restoring it (`set_state`, before or after
+  `iter`) resumes exactly the batch sequence that would have followed.
+  """
+
+  def __init__(self, dataset: grain.IterDataset, info: DataInfo):
+    self._dataset = dataset
+    self.info = info
+    self._iterator: _PipelineIterator | None = None
+    self._pending_state: dict | None = None
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    self.close()
+    self._iterator = _PipelineIterator(self, iter(self._dataset))
+    if self._pending_state is not None:
+      self._iterator.set_state(self._pending_state)
+      self._pending_state = None
+    return self._iterator
+
+  def get_state(self) -> dict:
+    if self._iterator is None:
+      if self._pending_state is not None:
+        return self._pending_state
+      self._iterator = _PipelineIterator(self, iter(self._dataset))
+    return self._iterator.get_state()
+
+  def set_state(self, state: dict) -> None:
+    if self._iterator is not None:
+      self._iterator.set_state(state)
+    else:
+      self._pending_state = state
+
+  def close(self) -> None:
+    """Stops worker processes of the current iterator, if any."""
+    if self._iterator is not None:
+      self._iterator.close()
+      self._iterator = None
+
+  def __len__(self) -> int:
+    if self.info.num_batches is None:
+      raise TypeError("This pipeline repeats forever.")
+    return self.info.num_batches
+
+
+def _shard_seeds(seed: int, shard_index: int) -> tuple[int, int]:
+  """(shuffle seed, augmentation seed) for one shard, as uint32."""
+  s = np.random.SeedSequence([int(seed), int(shard_index)]).generate_state(2)
+  return int(s[0]), int(s[1])
+
+
+def get_pipeline(data_config: ml_collections.ConfigDict, split: str, *, train: bool,
+                 global_batch_size: int, seed: int = 0,
+                 shard_index: int | None = None, shard_count: int | None = None,
+                 num_epochs: int | None = None,
+                 drop_remainder: bool = True) -> DataPipeline:
+  """This process's pipeline over `split` (see the module docstring).
+
+  Args:
+    data_config: see `default_data_config`.
+    split: 'train', 'validation', 'test' (or the dataset's own split names).
+    train: shuffle, repeat and augment; else a deterministic pass that keeps
+      every example, padding the last batch (`valid` False on padding).
+    global_batch_size: summed over processes; must divide by shard_count.
+    seed: shuffling and augmentation seed.
+    shard_index, shard_count: this process's shard; default
+      jax.process_index() / jax.process_count().
+    num_epochs: passes over the data; None repeats forever in training, and
+      means 1 for eval.
+    drop_remainder: training only: drop the last partial batch of a finite
+      pipeline (else it is padded, like eval batches).
+  """
+  shard_index = jax.process_index() if shard_index is None else int(shard_index)
+  shard_count = jax.process_count() if shard_count is None else int(shard_count)
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count}).")
+  if global_batch_size % shard_count:
+    raise ValueError(f"global_batch_size {global_batch_size} does not divide "
+                     f"into {shard_count} shards.")
+  local_batch = global_batch_size // shard_count
+  if not train and num_epochs is None:
+    num_epochs = 1
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}.")
+
+  dataset = sources.open_dataset(data_config)
+  source = dataset.source(split)
+  tokenizer = make_tokenizer(data_config, dataset) if "text" in dataset.modalities else None
+  pre = Preprocessor(data_config, dataset.modalities, tokenizer, train=train)
+  n = len(source)
+
+  ds = grain.MapDataset.source(source)
+  if train:
+    # Equal shard sizes, so every process runs the same number of steps.
+    per_shard = n // shard_count
+    if per_shard == 0:
+      raise ValueError(f"Split {split!r} has {n} examples, fewer than {shard_count} shards.")
+    ds = ds[:per_shard * shard_count][shard_index::shard_count]
+    shuffle_seed, augment_seed = _shard_seeds(seed, shard_index)
+    ds = ds.shuffle(seed=shuffle_seed).repeat(num_epochs)
+    ds = ds.random_map(pre.train_fn, seed=augment_seed)
+    if num_epochs is None:
+      num_batches = None
+    elif drop_remainder:
+      num_batches = per_shard * num_epochs // local_batch
+    else:
+      num_batches = math.ceil(per_shard * num_epochs / local_batch)
+      ds = _PaddedMapDataset(ds, num_batches * local_batch, pre.empty())
+    if num_batches == 0:
+      raise ValueError(
+          f"Split {split!r} has {per_shard} examples per shard, fewer than one "
+          f"local batch of {local_batch}.")
+  else:
+    per_shard = math.ceil(n / shard_count)  # the largest shard
+    ds = ds[shard_index::shard_count].map(pre.eval_fn)
+    if num_epochs > 1:
+      ds = ds.repeat(num_epochs)
+    num_batches = math.ceil(per_shard * num_epochs / local_batch)
+    ds = _PaddedMapDataset(ds, num_batches * local_batch, pre.empty())
+  ds = ds.batch(local_batch, drop_remainder=train and drop_remainder,
+                batch_fn=_stack)
+  read_options = grain.ReadOptions(num_threads=int(data_config.read_threads),
+                                   prefetch_buffer_size=int(data_config.prefetch))
+  it_ds = ds.to_iter_dataset(read_options)
+  if int(data_config.num_workers) > 0:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=int(data_config.num_workers),
+        per_worker_buffer_size=int(data_config.prefetch)))
+
+  audio_frames = pre.samples if pre.audio_feature == "waveform" else pre.frames
+  info = DataInfo(
+      name=data_config.name, split=split, modalities=dataset.modalities,
+      num_examples=n,
+      vocab_size=tokenizer.vocab_size if tokenizer is not None else None,
+      pad_id=tokenizer.pad_id if tokenizer is not None else 0,
+      max_text_len=pre.text_len, image_size=pre.image_size,
+      audio_feature=pre.audio_feature, n_mels=pre.n_mels,
+      audio_frames=audio_frames, audio_samples=pre.samples,
+      sample_rate=pre.sample_rate, num_concepts=dataset.num_concepts,
+      local_batch_size=local_batch, global_batch_size=global_batch_size,
+      num_batches=num_batches)
+  return DataPipeline(it_ds, info)
+
+
+def to_global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
+                    data_axis: str = "data") -> dict[str, jax.Array]:
+  """Assembles per-process batches into global arrays, batch dim sharded over
+  `data_axis` (replicated over the other mesh axes)."""
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(data_axis))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def prepare(data_config: ml_collections.ConfigDict) -> None:
+  """Prepares the dataset on disk if missing; never overwrites what exists.
+
+  TFDS-prepared datasets ('coco', 'tfds') cannot be prepared here: a missing
+  one raises FileNotFoundError saying how to get it.
+  """
+  sources.open_dataset(data_config, prepare=True)
