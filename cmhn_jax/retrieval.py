@@ -29,7 +29,7 @@ iterations with `lax.scan` instead, so reverse-mode `jax.grad` can flow through 
 
 Large memories: `chunk_size=K` streams the patterns `K` at a time, so no `(B, N)` matrix is ever
 an intermediate. Under `softmax` it is the flash-attention recurrence (online logsumexp with a
-rescaled read-out accumulator), with a custom VJP whose backward pass reuses the forward read-out:
+rescaled read-out accumulator), with a custom JVP whose reverse pass reuses the forward read-out:
 still one score GEMM and one read-out GEMM per step. The sparse normalizers need the full sorted
 score vector for their threshold, which no single stream gives exactly; chunked, they keep the top
 `sparse_k` scores of a stream (per-chunk `lax.top_k` plus a merge) and normalise over those. Their
@@ -99,13 +99,14 @@ def _chunk(patterns, p_mask, c, k, similarity):
   return E.effective_patterns(p, q, similarity=similarity), idx >= c * k, idx, start
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
 def _flash_lse(zt, patterns, p_mask, beta, k, similarity):
   """`logsumexp(beta * zt . P_eff^T)` streamed over chunks of `k` patterns, shape `(B,)`."""
-  return _flash_fwd(zt, patterns, p_mask, beta, k, similarity)[0]
+  return _flash_scan(zt, patterns, p_mask, beta, k, similarity)[0]
 
 
-def _flash_fwd(zt, patterns, p_mask, beta, k, similarity):
+def _flash_scan(zt, patterns, p_mask, beta, k, similarity):
+  """The flash recurrence: the logsumexp and the read-out `sum_mu alpha_mu P_eff_mu` (B, M*d)."""
   b = zt.shape[0]
 
   def body(carry, c):
@@ -121,31 +122,42 @@ def _flash_fwd(zt, patterns, p_mask, beta, k, similarity):
   init = (jnp.full((b,), -jnp.inf, zt.dtype), jnp.zeros((b,), zt.dtype), jnp.zeros_like(zt))
   (m, l, acc), _ = jax.lax.scan(body, init, jnp.arange(_num_chunks(patterns.shape[0], k)))
   lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
-  readout = acc / jnp.where(l > 0, l, 1.0)[:, None]  # sum_mu alpha_mu P_eff_mu
-  return lse, (zt, patterns, p_mask, beta, lse, readout)
+  return lse, acc / jnp.where(l > 0, l, 1.0)[:, None]
 
 
-def _flash_bwd(k, similarity, res, ct):
-  zt, patterns, p_mask, beta, lse, readout = res
-  d_zt = (ct * beta)[:, None] * readout
-  d_beta = jnp.sum(ct * jnp.sum(readout * zt, -1))  # d lse / d beta = <alpha, s>
+def _flash_lse_jvp(k, similarity, primals, tangents):
+  """`d lse = beta <dzt, r> + dbeta <r, zt> + beta sum_mu alpha_mu <zt, dP_eff_mu>`.
 
-  def body(d_p, c):
-    p_eff, valid, _, start = _chunk(patterns, p_mask, c, k, similarity)
-    p = jax.lax.dynamic_slice_in_dim(patterns, start, k, 0)
-    q = jax.lax.dynamic_slice_in_dim(p_mask, start, k, 0)
-    alpha = jnp.where(valid, jnp.exp(beta * (zt @ p_eff.T) - lse[:, None]), 0.0)
-    d_eff = (alpha * (ct * beta)[:, None]).T @ zt
-    _, vjp = jax.vjp(lambda p_: E.effective_patterns(p_, q, similarity=similarity), p)
-    (d_chunk,) = vjp(d_eff)
-    old = jax.lax.dynamic_slice_in_dim(d_p, start, k, 0)
-    return jax.lax.dynamic_update_slice_in_dim(d_p, old + d_chunk, start, 0), None
+  The read-out `r` comes out of the forward stream, so the usual reverse pass (the gradient
+  with respect to the state) costs no second score pass. Only when the patterns themselves are
+  differentiated does a second stream recompute `alpha` chunk by chunk (symbolic zeros tell).
+  """
+  zt, patterns, p_mask, beta = primals
+  d_zt, d_p, _, d_beta = tangents
+  zero = jax.custom_derivatives.SymbolicZero
+  lse, readout = _flash_scan(zt, patterns, p_mask, beta, k, similarity)
+  tangent = jnp.zeros_like(lse)
+  if not isinstance(d_zt, zero):
+    tangent = tangent + beta * jnp.sum(d_zt * readout, -1)
+  if not isinstance(d_beta, zero):
+    tangent = tangent + d_beta * jnp.sum(readout * zt, -1)
+  if not isinstance(d_p, zero):
 
-  d_p, _ = jax.lax.scan(body, jnp.zeros_like(patterns), jnp.arange(_num_chunks(patterns.shape[0], k)))
-  return d_zt, d_p, None, d_beta
+    def body(acc, c):
+      p_eff, valid, _, start = _chunk(patterns, p_mask, c, k, similarity)
+      p = jax.lax.dynamic_slice_in_dim(patterns, start, k, 0)
+      dp = jax.lax.dynamic_slice_in_dim(d_p, start, k, 0)
+      q = jax.lax.dynamic_slice_in_dim(p_mask, start, k, 0)
+      _, d_eff = jax.jvp(lambda p_: E.effective_patterns(p_, q, similarity=similarity), (p,), (dp,))
+      alpha = jnp.where(valid, jnp.exp(beta * (zt @ p_eff.T) - lse[:, None]), 0.0)
+      return acc + jnp.sum(alpha * (zt @ d_eff.T), -1), None
+
+    dp_term, _ = jax.lax.scan(body, jnp.zeros_like(lse), jnp.arange(_num_chunks(patterns.shape[0], k)))
+    tangent = tangent + beta * dp_term
+  return lse, tangent
 
 
-_flash_lse.defvjp(_flash_fwd, _flash_bwd)
+_flash_lse.defjvp(_flash_lse_jvp, symbolic_zeros=True)
 
 
 def _stream_top_k(zt, patterns, p_mask, k, chunk, similarity, beta):
