@@ -27,9 +27,18 @@ def resample(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
   if rate_in == rate_out:
     return np.asarray(x, np.float32)
   g = math.gcd(int(rate_in), int(rate_out))
-  y = signal.resample_poly(np.asarray(x, np.float64), rate_out // g, rate_in // g,
-                           axis=-1)
+  up, down = rate_out // g, rate_in // g
+  y = signal.resample_poly(np.asarray(x, np.float64), up, down, axis=-1,
+                           window=_resample_filter(up, down))
   return y.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _resample_filter(up: int, down: int) -> np.ndarray:
+  """resample_poly's own default anti-aliasing filter, designed once."""
+  max_rate = max(up, down)
+  half_len = 10 * max_rate
+  return signal.firwin(2 * half_len + 1, 1.0 / max_rate, window=("kaiser", 5.0))
 
 
 def one_pole_lowpass(x: np.ndarray, a: float) -> np.ndarray:

@@ -103,7 +103,7 @@ class CmhnManifest(tfds_base.OfflineBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
-  BUILDER_CONFIGS = [ManifestConfig(name="default")]
+  BUILDER_CONFIGS = []  # every manifest brings its own ManifestConfig
 
   def __init__(self, *, check_images: bool = True, **kwargs):
     self._check_images = check_images
@@ -118,7 +118,8 @@ class CmhnManifest(tfds_base.OfflineBuilder):
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Tensor(shape=(), dtype=np.object_),
             "text": tfds.features.Text(),
-            "audio": tfds.features.Tensor(shape=(None,), dtype=np.int16),
+            "audio": tfds.features.Tensor(shape=(None,), dtype=np.int16,
+                                           encoding=tfds.features.Encoding.BYTES),
             "has_image": np.bool_,
             "has_text": np.bool_,
             "has_audio": np.bool_,

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import dataclasses
 import math
 
+from absl import flags
 import grain
 import jax
 import ml_collections
@@ -365,6 +366,10 @@ def get_pipeline(data_config: ml_collections.ConfigDict, split: str, *, train: b
                                    prefetch_buffer_size=int(data_config.prefetch))
   it_ds = ds.to_iter_dataset(read_options)
   if int(data_config.num_workers) > 0:
+    # grain's worker processes read absl flags, which are unparsed outside
+    # absl.app (pytest, notebooks): google/grain issues #1355 and #1360.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(data_config.num_workers),
         per_worker_buffer_size=int(data_config.prefetch)))

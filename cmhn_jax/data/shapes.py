@@ -19,8 +19,8 @@ The TFDS builder stores images as raw uint8 arrays and audio as int16 PCM at
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+import contextlib
 import dataclasses
-import multiprocessing
 import re
 
 import numpy as np
@@ -31,6 +31,7 @@ import tensorflow_datasets as tfds
 from cmhn_jax.data import audio as audio_lib
 from cmhn_jax.data import espeak
 from cmhn_jax.data import tfds_base
+from cmhn_jax.data import workers
 
 # --- Vocabulary of the world -------------------------------------------------
 
@@ -432,7 +433,7 @@ def generate_chunk(config: ShapesConfig, split: str, chunk: int) -> list[dict]:
   # eSpeak runs at 22050 Hz; leave room for resampling to the target rate.
   waves, rate = espeak.synthesize(
       [a["utterance"] for a in all_attrs], seed=config.seed,
-      max_samples=int(config.max_audio_seconds * 22050 * 0.9))
+      max_samples=int(config.max_audio_seconds * espeak.SAMPLE_RATE * 0.9))
   examples = []
   for attrs, wave in zip(all_attrs, waves):
     u = attrs["utterance"]
@@ -458,24 +459,16 @@ def generate_chunk(config: ShapesConfig, split: str, chunk: int) -> list[dict]:
 
 
 def generate_split(config: ShapesConfig, split: str,
-                   num_workers: int = 0) -> Iterator[dict]:
-  """All examples of `split` in index order; same output for any num_workers."""
+                   pool: workers.WorkerPool | None = None) -> Iterator[dict]:
+  """All examples of `split` in index order; the same with or without `pool`."""
   num_chunks = -(-config.num_examples(split) // AUDIO_CHUNK)
-  args = [(config, split, c) for c in range(num_chunks)]
-  if num_workers <= 0:
-    for a in args:
-      yield from generate_chunk(*a)
+  tasks = [(config, split, c) for c in range(num_chunks)]
+  if pool is None:
+    for t in tasks:
+      yield from generate_chunk(*t)
     return
-  methods = multiprocessing.get_all_start_methods()
-  ctx = multiprocessing.get_context(
-      "forkserver" if "forkserver" in methods else "spawn")
-  with ctx.Pool(num_workers) as pool:
-    for chunk in pool.imap(_generate_chunk_star, args):
-      yield from chunk
-
-
-def _generate_chunk_star(args):
-  return generate_chunk(*args)
+  for chunk in pool.map_ordered(generate_chunk, tasks):
+    yield from chunk
 
 
 class Shapes(tfds_base.OfflineBuilder):
@@ -487,6 +480,7 @@ class Shapes(tfds_base.OfflineBuilder):
 
   def __init__(self, *, prepare_workers: int = 0, **kwargs):
     self._prepare_workers = prepare_workers
+    self._pool = None
     kwargs.setdefault("file_format", "array_record")
     super().__init__(**kwargs)
 
@@ -499,8 +493,10 @@ class Shapes(tfds_base.OfflineBuilder):
         disable_shuffling=True,  # record i of a split is example i
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Tensor(
-                shape=(c.image_size, c.image_size, 3), dtype=np.uint8),
-            "audio": tfds.features.Tensor(shape=(None,), dtype=np.int16),
+                shape=(c.image_size, c.image_size, 3), dtype=np.uint8,
+                encoding=tfds.features.Encoding.BYTES),
+            "audio": tfds.features.Tensor(shape=(None,), dtype=np.int16,
+                                           encoding=tfds.features.Encoding.BYTES),
             "caption": tfds.features.Text(),
             "index": scalar(),
             "concept": scalar(),
@@ -526,11 +522,20 @@ class Shapes(tfds_base.OfflineBuilder):
         ),
     )
 
+  def _download_and_prepare(self, dl_manager, download_config):
+    # One pool of worker processes for all splits.
+    pool = (workers.WorkerPool(self._prepare_workers)
+            if self._prepare_workers > 0 else contextlib.nullcontext())
+    with pool as self._pool:
+      try:
+        super()._download_and_prepare(dl_manager, download_config)
+      finally:
+        self._pool = None
+
   def _split_generators(self, dl_manager):
     del dl_manager
     return {split: self._generate_examples(split) for split in SPLITS}
 
   def _generate_examples(self, split):
-    for example in generate_split(self.builder_config, split,
-                                  self._prepare_workers):
+    for example in generate_split(self.builder_config, split, self._pool):
       yield example["index"], example

@@ -323,16 +323,20 @@ class ShapesDataset(_TFDSDataset):
                                     seed=cfg.get("shapes_seed"),
                                     image_size=cfg.get("shapes_image_size"))
     data_dir = resolve_dir(cfg.data_dir)
+    # TFDS wants the class's own configs by name (it checks identity, which a
+    # copy unpickled in a worker process would fail), custom ones as objects.
+    if shapes_lib.BUILDER_CONFIGS.get(config.name) is config:
+      config = config.name
     builder = shapes_lib.Shapes(data_dir=data_dir, config=config,
                                 prepare_workers=int(cfg.get("prepare_workers", 0)))
     if not builder.is_prepared():
       if not prepare:
         raise FileNotFoundError(
-            f"shapes/{config.name} is not prepared in {data_dir}. Prepare it with "
+            f"shapes/{builder.builder_config.name} is not prepared in {data_dir}. Prepare it with "
             "`cmhn_jax.data.prepare(config)` or `python -m cmhn_jax.data "
             f"--name=shapes --builder_config={cfg.builder_config} "
             f"--data_dir={data_dir}` (it is generated offline).")
-      with _lock(data_dir, f"shapes-{config.name}"):
+      with _lock(data_dir, f"shapes-{builder.builder_config.name}"):
         if not builder.is_prepared():
           builder.download_and_prepare()
       builder = shapes_lib.Shapes(data_dir=data_dir, config=config)

@@ -1,0 +1,16 @@
+"""Shared fixtures."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def shapes_tiny_config(tmp_path_factory):
+  """Data config of the `shapes` 'tiny' variant, prepared once per session in a
+  temporary data_dir (a few seconds). Copy it before changing keys."""
+  from cmhn_jax import data  # pylint: disable=g-import-not-at-top
+  cfg = data.default_data_config("shapes")
+  cfg.builder_config = "tiny"
+  cfg.data_dir = str(tmp_path_factory.mktemp("cmhn_data"))
+  cfg.prepare_workers = 0
+  data.prepare(cfg)
+  return cfg
