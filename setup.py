@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "pillow>=10",
     "matplotlib>=3.8",
     "espeakng-loader>=0.2.4",
+    "tensorboardX>=2.6",
 ]
 
 EXTRAS_REQUIRE = {

@@ -267,6 +267,18 @@ def _update(z, a, dz, g, cfg: _Setup, method: str, eta):
   return jnp.where(a[..., None], new, fill)
 
 
+def readout(alpha: jax.Array, patterns: jax.Array, *, p_mask: Any = None, coupling: Any = None,
+            similarity: str = "cosine") -> jax.Array:
+  """The closed-form read-out `g_m = sum_mu alpha_mu sum_m' q_{mu,m'} C_{m,m'} p^_{mu,m'}`.
+
+  `alpha` (B, N) -> (B, M, d). One fixed-point step is `g / lam` (dot) or `normalize(g)`
+  (cosine); `retrieve` gets the same read-out from `jax.grad` of the energy (a test pins them).
+  """
+  n, m, d = patterns.shape
+  r = (alpha @ E.effective_patterns(patterns, p_mask, similarity=similarity)).reshape(-1, m, d)
+  return r if coupling is None else jnp.einsum("mk,bkd->bmd", jnp.asarray(coupling, r.dtype), r)
+
+
 # ----------------------------------------------------------------------------- retrieve
 
 

@@ -84,6 +84,8 @@ def test_fixed_point_is_the_closed_form_readout():
   alpha = E.attention(cue, p, z_mask=mask, p_mask=pm, coupling=c, similarity="dot", beta=0.7)
   g = jnp.einsum("bn,mk,nk,nkd->bmd", alpha, c, pm.astype(p.dtype), p)
   np.testing.assert_allclose(r.state, g / 2.0, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(R.readout(alpha, p, p_mask=pm, coupling=c, similarity="dot"), g,
+                             rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name,method", itertools.product(NORMS, METHODS))
