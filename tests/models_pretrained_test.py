@@ -79,7 +79,8 @@ def ckpt(tmp_path_factory):
 def encoders(ckpt):
   """kind -> frozen encoder, built once for the module."""
   return {
-      'clip_vision': load_pretrained_encoder('clip_vision', ckpt['clip'][0], trainable=False),
+      'clip_vision': load_pretrained_encoder('clip_vision', ckpt['clip'][0], trainable=False,
+                                             normalize=True),
       'clip_text': load_pretrained_encoder('clip_text', ckpt['clip'][0], trainable=False),
       'bert': load_pretrained_encoder('bert', ckpt['bert'][0], trainable=False),
       'wav2vec2': load_pretrained_encoder('wav2vec2', ckpt['wav2vec2'][0], trainable=False),
@@ -144,12 +145,15 @@ def test_clip_vision_equals_get_image_features(ckpt, encoders):
 
 def test_bare_clip_vision_tower_gives_pooled_output(ckpt, encoders):
   path, vision, params = ckpt['clip_vision']
-  enc = load_pretrained_encoder('clip_vision', path, trainable=False, preprocess=False)
+  enc = load_pretrained_encoder('clip_vision', path, trainable=False)
   assert enc.out_dim == 32
   images = _images()
   expected = jax.jit(lambda x: vision(jnp.transpose(x, (0, 3, 1, 2)), params=params).pooler_output)(
       images)
   np.testing.assert_allclose(_forward(enc, images), expected, atol=ATOL, rtol=ATOL)
+  strict = load_pretrained_encoder('clip_vision', path, trainable=False, resize=False)
+  with pytest.raises(ValueError, match='32x32'):
+    strict(_images(48))
 
 
 def test_clip_text_equals_get_text_features_and_ignores_padding(ckpt, encoders):
@@ -242,8 +246,8 @@ def test_build_encoder_loads_pretrained_kinds(ckpt):
   enc = build_encoder('clip_text', path=ckpt['clip'][0], trainable=False, project=False)
   assert isinstance(enc, pretrained.CLIPTextEncoder)
   assert enc.out_dim == 32
-  with pytest.raises(TypeError, match="'resize'"):
-    build_encoder('clip_vision', path=ckpt['clip'][0], trainable=False, resize=True)
+  with pytest.raises(TypeError, match="'image_size'"):
+    build_encoder('clip_vision', path=ckpt['clip'][0], trainable=False, image_size=224)
   with pytest.raises(ValueError, match="'wav2vec'.*wav2vec2"):
     load_pretrained_encoder('wav2vec', ckpt['wav2vec2'][0], trainable=False)
   with pytest.raises(ValueError, match="holds a 'clip' model.*'wav2vec2'"):

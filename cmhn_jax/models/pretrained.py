@@ -4,7 +4,7 @@ Each wrapper has the `__call__` of the from-scratch encoder of its modality and 
 `out_dim` attribute:
 
   kind           class                  __call__                                  output
-  'clip_vision'  CLIPVisionEncoder      images (B, H, W, 3) in [0, 1]             image embedding
+  'clip_vision'  CLIPVisionEncoder      images (B, H, W, 3) float32               image embedding
   'clip_text'    CLIPTextEncoder        tokens (B, L) int32, mask (B, L) bool     text embedding
   'bert'         BertTextEncoder        tokens (B, L) int32, mask (B, L) bool     mean of token states
   'wav2vec2'     Wav2Vec2AudioEncoder   waveform (B, S) float, mask (B, S) bool   mean of frame states
@@ -22,9 +22,11 @@ What each returns:
   final-LayerNorm state of the EOS token) times the CLIP projection when the directory
   holds a full `CLIPModel` (`out_dim = projection_dim`, the same as
   `get_image_features` / `get_text_features`); a bare `CLIPVisionModel` /
-  `CLIPTextModel` directory gives the pooled output (`out_dim = hidden_size`). Images are
-  resized to the tower's `image_size` and normalised with the `image_mean`/`image_std`
-  of `preprocessor_config.json` (OpenAI CLIP's when absent) unless `preprocess=False`.
+  `CLIPTextModel` directory gives the pooled output (`out_dim = hidden_size`). Images
+  come normalised by the input pipeline (set its image mean/std to CLIP's) and are
+  resized to the tower's `image_size` when they differ (`resize=False` makes that an
+  error). With `normalize=True` they come in [0, 1] instead and the encoder applies the
+  `image_mean`/`image_std` of `preprocessor_config.json` (OpenAI CLIP's when absent).
 - BERT family (BERT, MiniLM, RoBERTa, ... through `FlaxAutoModel`): the mean of the
   last hidden states over the unmasked tokens, as sentence-transformers pools (without
   its final L2 normalisation). The pooler layer is not loaded.
@@ -32,8 +34,9 @@ What each returns:
   lies inside the mask. The conv feature extractor shortens the sequence; the frame mask
   comes from the valid length through the model's own output-length formula. Samples
   outside the mask are zeroed first, so their values never matter. Waveforms are 16 kHz
-  mono; they are normalised to zero mean and unit variance over the valid samples
-  (`do_normalize` of `preprocessor_config.json`, default on) unless `preprocess=False`.
+  mono, as the input pipeline gives them (in [-1, 1]); they are normalised to zero mean
+  and unit variance over the valid samples when `normalize` is True (the default, None,
+  follows `do_normalize` of `preprocessor_config.json`, on when absent).
   Hugging Face's Flax Wav2Vec2 supports only `do_stable_layer_norm=True` checkpoints
   (wav2vec2-large-lv60 and the like).
 
@@ -205,24 +208,31 @@ def _clip_tower(path: str, tower: str, dtype: Dtype, project: bool):
 
 
 class CLIPVisionEncoder(PretrainedEncoder):
-  """CLIP image tower: images (B, H, W, 3) in [0, 1] -> (B, out_dim)."""
+  """CLIP image tower: images (B, H, W, 3) float32 -> (B, out_dim).
+
+  Images are normalised as CLIP expects, or in [0, 1] with `normalize=True`.
+  """
 
   def __init__(self, path: str, *, trainable: bool, dtype: Dtype = jnp.float32,
-               project: bool = True, preprocess: bool = True):
+               project: bool = True, resize: bool = True, normalize: bool = False):
     fn, params, projection, width = _clip_tower(path, 'vision', dtype, project)
     super().__init__(fn, params, trainable=trainable, out_dim=width, projection=projection)
     self.image_size = fn.config.image_size
-    self.preprocess = preprocess
+    self.resize = resize
+    self.normalize = normalize
     processor = _read_json(path, 'preprocessor_config.json')
     self.mean = tuple(processor.get('image_mean', hf_constants.OPENAI_CLIP_MEAN))
     self.std = tuple(processor.get('image_std', hf_constants.OPENAI_CLIP_STD))
 
   def __call__(self, images: jax.Array) -> jax.Array:
     x = images.astype(jnp.float32)
-    if self.preprocess:
-      size = (self.image_size, self.image_size)
-      if x.shape[1:3] != size:
-        x = jax.image.resize(x, (x.shape[0], *size, x.shape[3]), 'bilinear')
+    size = (self.image_size, self.image_size)
+    if x.shape[1:3] != size:
+      if not self.resize:
+        raise ValueError(f'this CLIP tower takes {size[0]}x{size[1]} images, got '
+                         f'{x.shape[1]}x{x.shape[2]} (resize=False)')
+      x = jax.image.resize(x, (x.shape[0], *size, x.shape[3]), 'bilinear')
+    if self.normalize:
       x = (x - jnp.asarray(self.mean)) / jnp.asarray(self.std)
     pixel_values = jnp.transpose(x, (0, 3, 1, 2))  # Hugging Face's CLIP takes NCHW
     out = self.hf_model(pixel_values, params=self.hf_params(), train=False)
@@ -276,7 +286,7 @@ class Wav2Vec2AudioEncoder(PretrainedEncoder):
   """Wav2Vec2: waveform (B, S) float with mask (B, S) bool -> mean frame state."""
 
   def __init__(self, path: str, *, trainable: bool, dtype: Dtype = jnp.float32,
-               preprocess: bool = True):
+               normalize: bool | None = None):
     _model_type(path, 'wav2vec2', ('wav2vec2',))
     config = transformers.Wav2Vec2Config.from_pretrained(path)
     if not config.do_stable_layer_norm:
@@ -291,7 +301,7 @@ class Wav2Vec2AudioEncoder(PretrainedEncoder):
     self.kernels = tuple(config.conv_kernel)
     self.strides = tuple(config.conv_stride)
     processor = _read_json(path, 'preprocessor_config.json')
-    self.normalize = preprocess and processor.get('do_normalize', True)
+    self.normalize = bool(processor.get('do_normalize', True) if normalize is None else normalize)
 
   def num_frames(self, num_samples: jax.Array) -> jax.Array:
     """Frames the conv feature extractor makes of `num_samples` samples (VALID convs)."""
@@ -327,8 +337,8 @@ def load_pretrained_encoder(kind: str, path: str, *, trainable: bool, dtype: Dty
                             **options) -> PretrainedEncoder:
   """Loads the `kind` encoder from the checkpoint directory `path` (see the module doc).
 
-  `options` are the wrapper's own switches (`project`, `preprocess`); an unknown one
-  raises TypeError naming it.
+  `options` are the wrapper's own switches (`project`, `resize`, `normalize`: see each
+  class); an unknown one raises TypeError naming it.
   """
   try:
     cls = PRETRAINED[kind]
