@@ -10,6 +10,8 @@ import pytest
 
 from cmhn_jax import data
 from cmhn_jax.data import audio
+from cmhn_jax.data import image as image_lib
+from cmhn_jax.data import pipeline
 from cmhn_jax.data import sources
 
 
@@ -114,3 +116,25 @@ def test_bad_rows_name_the_line(tmp_path, row, message):
   with pytest.raises((ValueError, FileNotFoundError), match=f"bad.jsonl:2: .*{message}"):
     data.prepare(cfg)
   assert not os.path.exists(os.path.join(cfg.data_dir, "cmhn_manifest", "bad"))
+
+
+def test_corrupt_image_names_the_file_or_record(tmp_path):
+  """A cut-short image fails when preparing, naming the file; one that fails
+  later, in the pipeline, names the record."""
+  img = tmp_path / "cut.jpg"
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(img)
+  whole = img.read_bytes()
+  img.write_bytes(whole[:400])
+  path = tmp_path / "rows.jsonl"
+  path.write_text(json.dumps({"image": "cut.jpg", "text": "broken"}) + "\n")
+  cfg = data.default_data_config("manifest")
+  cfg.manifest_path = str(path)
+  cfg.data_dir = str(tmp_path / "prepared")
+  with pytest.raises(image_lib.CorruptImageError, match=r"cut\.jpg"):
+    data.prepare(cfg)
+  assert img.read_bytes() == whole[:400]  # the user's file is left alone
+  pre = pipeline.Preprocessor(cfg, ("image",), None, train=False)
+  raw = {"image": whole[:400], "name": "manifest/train row 7 (line 8, cut.jpg)",
+         "concept": -1, "group": 7, "index": 7, "instance": 7}
+  with pytest.raises(image_lib.CorruptImageError, match=r"row 7 \(line 8, cut\.jpg\)"):
+    pre(raw)

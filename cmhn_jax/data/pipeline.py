@@ -117,12 +117,10 @@ class Preprocessor:
       out["text"] = np.full(self.text_len, self.tokenizer.pad_id, np.int32)
       out["text_mask"] = np.zeros(self.text_len, bool)
     if "audio" in self.modalities:
-      if self.audio_feature == "waveform":
-        out["audio"] = np.zeros(self.samples, np.float32)
-        out["audio_mask"] = np.zeros(self.samples, bool)
-      else:
-        out["audio"] = np.zeros((self.frames, self.n_mels), np.float32)
-        out["audio_mask"] = np.zeros(self.frames, bool)
+      # Per example: the padded waveform and its length. `batch` turns them
+      # into the mask, and into log-mel features for a whole batch at once.
+      out["audio"] = np.zeros(self.samples, np.float32)
+      out["audio_len"] = np.int32(0)
     for m in sources.MODALITIES:
       out[f"has_{m}"] = np.bool_(False)
     for k in ("concept", "group", "index", "instance"):
@@ -139,7 +137,7 @@ class Preprocessor:
       out["text"], out["text_mask"] = self.tokenizer.encode(raw["text"], self.text_len)
       out["has_text"] = np.bool_(True)
     if "audio" in self.modalities and raw.get("audio") is not None:
-      out["audio"], out["audio_mask"] = self._audio(raw["audio"], raw["audio_rate"], rng)
+      out["audio"], out["audio_len"] = self._audio(raw["audio"], raw["audio_rate"], rng)
       out["has_audio"] = np.bool_(True)
     for k in ("concept", "group", "index", "instance"):
       out[k] = np.int32(raw[k])
@@ -174,12 +172,22 @@ class Preprocessor:
       x, n = x[start:start + self.samples], self.samples
     padded = np.zeros(self.samples, np.float32)
     padded[:n] = x
-    if self.audio_feature == "waveform":
-      return padded, np.arange(self.samples) < n
-    feats = audio_lib.log_mel_spectrogram(
-        padded, sample_rate=self.sample_rate, n_mels=self.n_mels,
-        win_length=self.win, hop_length=self.hop)
-    return feats, audio_lib.frame_mask(n, self.samples, self.win, self.hop)
+    return padded, np.int32(n)
+
+  def batch(self, examples) -> dict[str, np.ndarray]:
+    """Stacks examples; audio becomes features and masks, batched."""
+    out = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    if "audio" in out:
+      lengths = out.pop("audio_len")
+      if self.audio_feature == "waveform":
+        out["audio_mask"] = np.arange(self.samples)[None, :] < lengths[:, None]
+      else:
+        out["audio"] = audio_lib.log_mel_spectrogram(
+            out["audio"], sample_rate=self.sample_rate, n_mels=self.n_mels,
+            win_length=self.win, hop_length=self.hop)
+        out["audio_mask"] = audio_lib.frame_mask(lengths, self.samples, self.win,
+                                                 self.hop)
+    return out
 
   def train_fn(self, raw, rng):
     return self(raw, rng)
@@ -212,10 +220,6 @@ class _PaddedMapDataset(grain.MapDataset):
 
   def __str__(self):
     return f"PaddedMapDataset(length={self._length})"
-
-
-def _stack(examples):
-  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
 class _PipelineIterator(Iterator):
@@ -361,7 +365,7 @@ def get_pipeline(data_config: ml_collections.ConfigDict, split: str, *, train: b
     num_batches = math.ceil(per_shard * num_epochs / local_batch)
     ds = _PaddedMapDataset(ds, num_batches * local_batch, pre.empty())
   ds = ds.batch(local_batch, drop_remainder=train and drop_remainder,
-                batch_fn=_stack)
+                batch_fn=pre.batch)
   read_options = grain.ReadOptions(num_threads=int(data_config.read_threads),
                                    prefetch_buffer_size=int(data_config.prefetch))
   it_ds = ds.to_iter_dataset(read_options)
