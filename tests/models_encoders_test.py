@@ -72,12 +72,10 @@ def test_shape_dtype_and_every_param_gets_gradient(name):
 def test_bfloat16_compute_keeps_float32_params_and_outputs(name):
   model = _build(name, dtype=jnp.bfloat16)
   assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
-  args = _inputs(name)
-  out = _forward(model, *args)
-  assert out.dtype == jnp.float32
-  chex.assert_tree_all_finite(out)
-  jaxpr = str(jax.make_jaxpr(lambda *a: model(*a))(*args))
-  assert 'bf16' in jaxpr  # the matmuls / convs really run in bfloat16
+  jaxpr = jax.make_jaxpr(lambda *a: model(*a))(*_inputs(name))  # traced, not compiled
+  chex.assert_shape(jaxpr.out_avals[0], (B, 16))
+  assert jaxpr.out_avals[0].dtype == jnp.float32
+  assert 'bf16' in str(jaxpr)  # the matmuls / convs really run in bfloat16
 
 
 @pytest.mark.parametrize('pool', ['mean', 'cls'])
@@ -130,13 +128,6 @@ def test_audio_frame_mask_follows_the_strides():
   frames = model.frame_mask(mask)
   chex.assert_shape(frames, (3, 7))  # ceil(ceil(40 / 2) / 3)
   np.testing.assert_array_equal(frames.sum(1), [7, 4, 1])  # ceil(ceil(n / 2) / 3)
-
-
-def test_image_encoders_under_jit_equal_eager():
-  for name in ('image_cnn', 'image_vit'):
-    model = _build(name)
-    (images,) = _inputs(name)
-    np.testing.assert_allclose(_forward(model, images), model(images), rtol=1e-5, atol=1e-5)
 
 
 def test_image_encoder_arguments_are_checked():

@@ -3,11 +3,11 @@
 Each wrapper has the `__call__` of the from-scratch encoder of its modality and an
 `out_dim` attribute:
 
-  kind           class                  __call__                                  output
-  'clip_vision'  CLIPVisionEncoder      images (B, H, W, 3) float32               image embedding
-  'clip_text'    CLIPTextEncoder        tokens (B, L) int32, mask (B, L) bool     text embedding
-  'bert'         BertTextEncoder        tokens (B, L) int32, mask (B, L) bool     mean of token states
-  'wav2vec2'     Wav2Vec2AudioEncoder   waveform (B, S) float, mask (B, S) bool   mean of frame states
+  kind           class                 __call__ arguments                       output
+  'clip_vision'  CLIPVisionEncoder     images (B, H, W, 3) float32              CLIP embedding
+  'clip_text'    CLIPTextEncoder       tokens (B, L) int32, mask (B, L) bool    CLIP embedding
+  'bert'         BertTextEncoder       tokens (B, L) int32, mask (B, L) bool    mean token state
+  'wav2vec2'     Wav2Vec2AudioEncoder  waveform (B, S) float, mask (B, S) bool  mean frame state
 
   enc = load_pretrained_encoder('bert', '/models/all-MiniLM-L6-v2', trainable=False)
   enc = build_encoder('clip_vision', path='/models/clip-vit-base-patch32', trainable=True)
@@ -32,7 +32,8 @@ What each returns:
   its final L2 normalisation). The pooler layer is not loaded.
 - Wav2Vec2: the mean of the last hidden states over the frames whose receptive field
   lies inside the mask. The conv feature extractor shortens the sequence; the frame mask
-  comes from the valid length through the model's own output-length formula. Samples
+  comes from the number of valid samples through the model's output-length formula for
+  its VALID convs (`num_frames`; a test pins it to Hugging Face's own). Samples
   outside the mask are zeroed first, so their values never matter. Waveforms are 16 kHz
   mono, as the input pipeline gives them (in [-1, 1]); they are normalised to zero mean
   and unit variance over the valid samples when `normalize` is True (the default, None,
@@ -193,7 +194,8 @@ def _model_type(path: str, kind: str, accepted: tuple[str, ...]) -> str:
 def _clip_tower(path: str, tower: str, dtype: Dtype, project: bool):
   """(function, params, projection kernel or None, pooled width) of one CLIP tower."""
   model_type = _model_type(path, f'clip_{tower}', ('clip', f'clip_{tower}_model'))
-  tower_cls = transformers.FlaxCLIPVisionModel if tower == 'vision' else transformers.FlaxCLIPTextModel
+  tower_cls = {'vision': transformers.FlaxCLIPVisionModel,
+               'text': transformers.FlaxCLIPTextModel}[tower]
   if model_type == 'clip':
     params, config, _ = _load(transformers.FlaxCLIPModel, path, dtype)
     tower_config = config.vision_config if tower == 'vision' else config.text_config
@@ -343,8 +345,10 @@ def load_pretrained_encoder(kind: str, path: str, *, trainable: bool, dtype: Dty
   try:
     cls = PRETRAINED[kind]
   except KeyError:
-    raise ValueError(f'unknown pretrained encoder kind {kind!r}; known: {sorted(PRETRAINED)}') from None
-  accepted = set(inspect.signature(cls.__init__).parameters) - {'self', 'path', 'trainable', 'dtype'}
+    raise ValueError(
+        f'unknown pretrained encoder kind {kind!r}; known: {sorted(PRETRAINED)}') from None
+  accepted = set(inspect.signature(cls.__init__).parameters) - {
+      'self', 'path', 'trainable', 'dtype'}
   unknown = sorted(set(options) - accepted)
   if unknown:
     raise TypeError(f'pretrained encoder {kind!r} got unknown option(s) {unknown}; '
