@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from cmhn_jax import data
-from cmhn_jax.data import sources
 
 
 def _take(iterator, n):
@@ -89,6 +88,7 @@ def test_workers_same_batches_and_resume(shapes_tiny_config):
   reference = _take(iter(data.get_pipeline(shapes_tiny_config, "train", **kwargs)), 6)
   cfg = shapes_tiny_config.copy_and_resolve_references()
   cfg.num_workers = 2
+  cfg.cache = False  # (a cached pipeline has no workers)
   pipe = data.get_pipeline(cfg, "train", **kwargs)
   try:
     it = iter(pipe)
@@ -99,6 +99,18 @@ def test_workers_same_batches_and_resume(shapes_tiny_config):
   finally:
     pipe.close()
   _assert_batches_equal(got, reference)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_cache_gives_the_same_batches(shapes_tiny_config, train):
+  kwargs = dict(train=train, global_batch_size=12, seed=2, num_epochs=2, drop_remainder=False)
+  batches = {}
+  for cache in (True, False):
+    cfg = shapes_tiny_config.copy_and_resolve_references()
+    cfg.cache = cache
+    batches[cache] = list(data.get_pipeline(cfg, "validation", **kwargs))
+  _assert_batches_equal(batches[True], batches[False])
+  assert batches[True][-1]["valid"].sum() < 12  # padding included
 
 
 def test_seed_changes_order(shapes_tiny_config):

@@ -42,6 +42,10 @@ def default_data_config(name: str = "shapes") -> ml_collections.ConfigDict:
       directory), vocab_min_count, vocab_max_size (0: no limit).
     audio_feature: 'logmel' | 'waveform'; sample_rate, n_mels, win_length,
       hop_length (samples), max_audio_seconds (clips are cropped or padded).
+    cache: preprocess the split once (as for eval) and serve batches from
+      memory: True, False, or None = auto (shapes without augmentation, when
+      it fits in cache_max_mb). Cached training has no per-example randomness
+      beyond the shuffle, and ignores num_workers.
     num_workers: grain worker processes (0: in the main process);
       read_threads: threads per process; prefetch: batches buffered ahead.
   """
@@ -88,6 +92,8 @@ def default_data_config(name: str = "shapes") -> ml_collections.ConfigDict:
   c.hop_length = 320  # 20 ms
   c.max_audio_seconds = 3.0 if is_shapes else 10.0
   # Pipeline.
+  c.cache = ml_collections.config_dict.placeholder(bool)
+  c.cache_max_mb = 2048
   c.num_workers = 0
   c.read_threads = 2
   c.prefetch = 2

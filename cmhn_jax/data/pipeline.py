@@ -111,8 +111,8 @@ class Preprocessor:
   def empty(self) -> dict:
     """A padding example: zeros, no modality, `valid` False, ids -1."""
     out = {}
-    if "image" in self.modalities:
-      out["image"] = np.zeros((self.image_size, self.image_size, 3), np.float32)
+    if "image" in self.modalities:  # uint8 until `finalize` normalises a batch
+      out["image"] = np.zeros((self.image_size, self.image_size, 3), np.uint8)
     if "text" in self.modalities:
       out["text"] = np.full(self.text_len, self.tokenizer.pad_id, np.int32)
       out["text_mask"] = np.zeros(self.text_len, bool)
@@ -156,7 +156,7 @@ class Preprocessor:
                                              scale=self.crop_scale)
     else:
       pixels = image_lib.resize_centre_crop(img, self.image_size)
-    return image_lib.normalize(pixels, self.mean, self.std)
+    return pixels
 
   def _audio(self, wave, rate: int, rng):
     x = np.asarray(wave)
@@ -175,7 +175,12 @@ class Preprocessor:
     return padded, np.int32(n)
 
   def batch(self, examples) -> dict[str, np.ndarray]:
-    """Stacks examples; audio becomes features and masks, batched."""
+    """Examples -> a batch (`collate`, then `finalize`)."""
+    return self.finalize(self.collate(examples))
+
+  def collate(self, examples) -> dict[str, np.ndarray]:
+    """Stacks examples; audio becomes features and masks, for the whole batch
+    at once. Images stay uint8 (compact, for the cache)."""
     out = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
     if "audio" in out:
       lengths = out.pop("audio_len")
@@ -189,11 +194,65 @@ class Preprocessor:
                                                  self.hop)
     return out
 
+  def finalize(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Normalises the batch's images; missing images stay all zeros."""
+    if "image" in batch:
+      image = image_lib.normalize(batch["image"], self.mean, self.std)
+      image[~batch["has_image"]] = 0.0
+      batch["image"] = image
+    return batch
+
   def train_fn(self, raw, rng):
     return self(raw, rng)
 
   def eval_fn(self, raw):
     return self(raw, None)
+
+
+class _Cache:
+  """A shard's examples, preprocessed once (as for eval) and held in memory.
+
+  `batch(indices)` gathers rows (index -1 gives a padding row) and finalises
+  them: a batch costs a few copies instead of reading and featurising.
+  """
+
+  def __init__(self, ds: grain.MapDataset, pre: Preprocessor, read_threads: int,
+               chunk: int = 256):
+    self._pre = pre
+    parts = ds.map(pre.eval_fn).batch(chunk, batch_fn=pre.collate).to_iter_dataset(
+        grain.ReadOptions(num_threads=max(1, read_threads), prefetch_buffer_size=2))
+    parts = list(parts)
+    self.arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    self._empty = pre.collate([pre.empty()])
+
+  @property
+  def nbytes(self) -> int:
+    return sum(v.nbytes for v in self.arrays.values())
+
+  def batch(self, indices) -> dict[str, np.ndarray]:
+    idx = np.asarray(indices, np.int64)
+    pad = idx < 0
+    out = {k: v[np.where(pad, 0, idx)] for k, v in self.arrays.items()}
+    if pad.any():
+      for k, v in out.items():
+        v[pad] = self._empty[k][0]
+    return self._pre.finalize(out)
+
+
+def _cache_bytes_per_example(pre: Preprocessor) -> int:
+  row = pre.collate([pre.empty()])
+  return sum(v.nbytes for v in row.values())
+
+
+def _use_cache(cfg, pre: Preprocessor, num_examples: int) -> bool:
+  """`cache` True/False, or None (auto): shapes without augmentation that fits
+  in `cache_max_mb` (its preprocessing is deterministic: nothing is lost)."""
+  mode = cfg.get("cache")
+  if mode is not None:
+    return bool(mode)
+  size_mb = num_examples * _cache_bytes_per_example(pre) / 2**20
+  return (cfg.name == "shapes" and cfg.train_augment == "none"
+          and size_mb <= float(cfg.get("cache_max_mb", 2048)))
 
 
 class _PaddedMapDataset(grain.MapDataset):
@@ -343,33 +402,47 @@ def get_pipeline(data_config: ml_collections.ConfigDict, split: str, *, train: b
     if per_shard == 0:
       raise ValueError(f"Split {split!r} has {n} examples, fewer than {shard_count} shards.")
     ds = ds[:per_shard * shard_count][shard_index::shard_count]
+  else:
+    per_shard = math.ceil(n / shard_count)  # the largest shard
+    ds = ds[shard_index::shard_count]
+  cache = None
+  if _use_cache(data_config, pre, len(ds)):
+    # Items are indices into the cache; padding is index -1.
+    cache = _Cache(ds, pre, int(data_config.read_threads))
+    ds, pad, batch_fn = grain.MapDataset.range(len(ds)), -1, cache.batch
+  else:
+    pad, batch_fn = pre.empty(), pre.batch
+
+  if train:
     shuffle_seed, augment_seed = _shard_seeds(seed, shard_index)
     ds = ds.shuffle(seed=shuffle_seed).repeat(num_epochs)
-    ds = ds.random_map(pre.train_fn, seed=augment_seed)
+    if cache is None:
+      ds = ds.random_map(pre.train_fn, seed=augment_seed)
     if num_epochs is None:
       num_batches = None
     elif drop_remainder:
       num_batches = per_shard * num_epochs // local_batch
     else:
       num_batches = math.ceil(per_shard * num_epochs / local_batch)
-      ds = _PaddedMapDataset(ds, num_batches * local_batch, pre.empty())
+      ds = _PaddedMapDataset(ds, num_batches * local_batch, pad)
     if num_batches == 0:
       raise ValueError(
           f"Split {split!r} has {per_shard} examples per shard, fewer than one "
           f"local batch of {local_batch}.")
   else:
-    per_shard = math.ceil(n / shard_count)  # the largest shard
-    ds = ds[shard_index::shard_count].map(pre.eval_fn)
+    if cache is None:
+      ds = ds.map(pre.eval_fn)
     if num_epochs > 1:
       ds = ds.repeat(num_epochs)
     num_batches = math.ceil(per_shard * num_epochs / local_batch)
-    ds = _PaddedMapDataset(ds, num_batches * local_batch, pre.empty())
+    ds = _PaddedMapDataset(ds, num_batches * local_batch, pad)
   ds = ds.batch(local_batch, drop_remainder=train and drop_remainder,
-                batch_fn=pre.batch)
+                batch_fn=batch_fn)
   read_options = grain.ReadOptions(num_threads=int(data_config.read_threads),
                                    prefetch_buffer_size=int(data_config.prefetch))
   it_ds = ds.to_iter_dataset(read_options)
-  if int(data_config.num_workers) > 0:
+  # Worker processes would each get a copy of the cache, for no gain.
+  if int(data_config.num_workers) > 0 and cache is None:
     # grain's worker processes read absl flags, which are unparsed outside
     # absl.app (pytest, notebooks): google/grain issues #1355 and #1360.
     if not flags.FLAGS.is_parsed():
