@@ -107,13 +107,13 @@ class CMHN(nnx.Module):
     diag = np.asarray(mem.coupling if mem.coupling is not None else [1.0] * nm, np.float32)
     if diag.shape != (nm,) or np.any(diag <= 0):
       raise ValueError(f"model.memory.coupling must hold {nm} positive weights; got {diag.tolist()}.")
-    log_diag = jnp.log(jnp.asarray(diag))
+    log_diag = jnp.log(jnp.asarray(diag, jnp.float32))
     self.log_coupling = nnx.Param(log_diag) if mem.learn_coupling else nnx.Variable(log_diag)
-    cross = jnp.zeros((nm, nm))
+    cross = jnp.zeros((nm, nm), jnp.float32)
     self.cross = nnx.Param(cross) if mem.learn_cross else nnx.Variable(cross)
-    log_beta = jnp.log(jnp.asarray(float(mem.beta)))
+    log_beta = jnp.log(jnp.asarray(float(mem.beta), jnp.float32))
     self.log_beta = nnx.Param(log_beta) if mem.learn_beta else nnx.Variable(log_beta)
-    self.log_logit_scale = nnx.Param(jnp.log(jnp.asarray(float(cfg.logit_scale))))
+    self.log_logit_scale = nnx.Param(jnp.log(jnp.asarray(float(cfg.logit_scale), jnp.float32)))
 
   # --------------------------------------------------------------------------- embeddings
 

@@ -159,8 +159,12 @@ def create_state(config, info, mesh) -> tuple[dict, Setup]:
     model = build_model(config, info, r)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-    return graphdef, {"params": params, "rest": rest, "opt": tx.init(params),
-                      "step": jnp.zeros((), jnp.int32), "rng": state_rng}
+    state = {"params": params, "rest": rest, "opt": tx.init(params),
+             "step": jnp.zeros((), jnp.int32), "rng": state_rng}
+    # Strong types throughout, so the state a step returns has the signature it was given
+    # (a weakly typed leaf would make the second step recompile).
+    strong = lambda x: jax.lax.convert_element_type(x, x.dtype) if hasattr(x, "dtype") else x
+    return graphdef, jax.tree_util.tree_map(strong, state)
 
   if _is_pretrained(config):  # weights come from files: build eagerly, then shard
     graphdef, state = init(init_rng)
@@ -421,7 +425,9 @@ def _kmeans_init(state, setup: Setup, config, pipeline):
 
 def train(config, workdir: str) -> tuple[dict, Setup]:
   """Trains to `config.num_steps`, resuming from `workdir`. Returns (state, setup)."""
+  from cmhn_jax import fixtures  # pylint: disable=g-import-not-at-top
   losses_lib.check_loss_config(config.loss)
+  fixtures.prepare(config)  # runlocal stand-ins (fake data, tiny models), only if missing
   mesh = make_mesh(config.mesh)
   pipeline = data_lib.get_pipeline(config.data, "train", train=True,
                                    global_batch_size=int(config.batch_size), seed=int(config.seed))
@@ -469,9 +475,10 @@ def train(config, workdir: str) -> tuple[dict, Setup]:
         step_times.append(time.perf_counter() - t0)
         if step % int(config.log_every) == 0 or step == total:
           progress.log(step, {k: float(v) for k, v in metrics.items() if k != "finite"})
-        save_checkpoint(mgr, state, pipeline, meta, force=step == total)
-        if stop.requested:
+        # We decide when to save (Orbax's own policy would also save the first step).
+        if step % int(config.checkpoint.every) == 0 or step == total or stop.requested:
           save_checkpoint(mgr, state, pipeline, meta, force=True)
+        if stop.requested:
           stopped = True
           _say(f"Stopped at step {step} on request; checkpoint saved in {mgr.directory}.")
           break
