@@ -23,7 +23,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8"],
+    "test": ["pytest>=8", "portpicker>=1.5"],
     # FAISS is only the reference point of benchmarks/retrieval.py.
     "benchmark": ["faiss-cpu>=1.8"],
 }

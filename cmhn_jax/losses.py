@@ -42,6 +42,7 @@ class LossContext(NamedTuple):
   logit_scale: jax.Array
   modalities: tuple[str, ...]
   options: Any                # config.loss_options
+  group: jax.Array | None = None  # (B,) relevance group; same-group pairs are positives
 
 
 def _pairs(ctx: LossContext):
@@ -49,25 +50,46 @@ def _pairs(ctx: LossContext):
   return list(itertools.combinations(present, 2))
 
 
-def _masked_ce(logits, keep_rows, keep_cols):
-  """Cross-entropy of the diagonal, over rows in `keep_rows`, columns restricted to `keep_cols`."""
+def _positives(ctx: LossContext, n: int) -> jax.Array:
+  """(B, B) positives: the diagonal, plus same-group pairs with `group_positives`.
+
+  With several views of one item in a batch (COCO's five captions of an image, or `shapes`
+  examples of one concept when the group is the concept), treating them as negatives fights the
+  relevance the evaluation asks for; multi-positive InfoNCE counts them as positives instead.
+  """
+  eye = jnp.eye(n, dtype=bool)
+  if ctx.group is None or not bool(getattr(ctx.options, "group_positives", False)):
+    return eye
+  return eye | (ctx.group[:, None] == ctx.group[None, :])
+
+
+def _masked_ce(logits, keep_rows, keep_cols, positives=None):
+  """-log(sum over positives of softmax), over rows in `keep_rows`, columns in `keep_cols`.
+
+  `positives` (B, B) defaults to the diagonal (plain InfoNCE).
+  """
   logits = jnp.where(keep_cols[None, :], logits, -jnp.inf)
   logp = jax.nn.log_softmax(logits, axis=-1)
-  diag = jnp.diagonal(logp)
+  if positives is None:
+    pos_logp = jnp.diagonal(logp)
+  else:
+    pos_logp = jax.nn.logsumexp(jnp.where(positives & keep_cols[None, :], logp, -jnp.inf), axis=-1)
   w = keep_rows.astype(logits.dtype)
-  return -jnp.sum(jnp.where(keep_rows, diag, 0.0)) / jnp.maximum(jnp.sum(w), 1.0)
+  return -jnp.sum(jnp.where(keep_rows, pos_logp, 0.0)) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def symmetric_infonce(a, b, scale, keep):
+def symmetric_infonce(a, b, scale, keep, positives=None):
   logits = scale * a @ b.T
-  return 0.5 * (_masked_ce(logits, keep, keep) + _masked_ce(logits.T, keep, keep))
+  pos_t = None if positives is None else positives.T
+  return 0.5 * (_masked_ce(logits, keep, keep, positives) + _masked_ce(logits.T, keep, keep, pos_t))
 
 
 def infonce(ctx: LossContext):
   losses, metrics = [], {}
+  positives = _positives(ctx, ctx.z.shape[0])
   for i, j in _pairs(ctx):
     keep = ctx.valid & ctx.z_mask[:, i] & ctx.z_mask[:, j]
-    loss = symmetric_infonce(ctx.z[:, i], ctx.z[:, j], ctx.logit_scale, keep)
+    loss = symmetric_infonce(ctx.z[:, i], ctx.z[:, j], ctx.logit_scale, keep, positives)
     metrics[f"infonce/{ctx.modalities[i][:3]}_{ctx.modalities[j][:3]}"] = loss
     losses.append(loss)
   return (sum(losses) / max(len(losses), 1)), metrics
@@ -139,10 +161,11 @@ def completion(ctx: LossContext):
   g = retrieval.readout(alpha, mem["patterns"], coupling=mem["coupling"],
                         similarity=mem["similarity"])
   completed = E._l2_normalize(g).reshape(nm, b, nm, d)
+  positives = _positives(ctx, b)
   losses, metrics = [], {}
   for i, j in itertools.permutations(range(nm), 2):
     keep = ctx.valid & ctx.z_mask[:, i] & ctx.z_mask[:, j]
-    loss = _masked_ce(ctx.logit_scale * completed[i, :, j] @ ctx.z[:, j].T, keep, keep)
+    loss = _masked_ce(ctx.logit_scale * completed[i, :, j] @ ctx.z[:, j].T, keep, keep, positives)
     metrics[f"completion/{ctx.modalities[i][:3]}_{ctx.modalities[j][:3]}"] = loss
     losses.append(loss)
   return (sum(losses) / max(len(losses), 1)), metrics

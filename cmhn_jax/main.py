@@ -33,6 +33,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO: quiet by default
     logging.set_verbosity(logging.WARNING)
   if _COORDINATOR.value or _NUM_PROCESSES.value:
+    # Unset values are discovered from the cluster (SLURM, TPU pods, ...).
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   logging.info("JAX process %d/%d, %d local / %d global devices", jax.process_index(),

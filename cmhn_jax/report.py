@@ -13,9 +13,9 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 
 def _retrieval_rows(results: dict) -> list[tuple[str, str, dict]]:
   rows = []
-  for ranker in ("embedding", "cmhn"):
-    for pair, metrics in sorted(results.get("retrieval", {}).get(ranker, {}).items()):
-      rows.append((ranker, pair, metrics))
+  for ranker, pairs in results.get("retrieval", {}).items():
+    if isinstance(pairs, dict):
+      rows += [(ranker, pair, metrics) for pair, metrics in sorted(pairs.items())]
   return rows
 
 
@@ -52,10 +52,11 @@ def write_report(report_dir: str, results: dict, history: list[dict[str, Any]]) 
 def _plot_recall(report_dir, rows) -> None:
   pairs = sorted({p for _, p, _ in rows})
   fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(pairs)), 3.5))
-  width = 0.38
-  for i, ranker in enumerate(("embedding", "cmhn")):
+  rankers = list(dict.fromkeys(r for r, _, _ in rows))
+  width = 0.8 / len(rankers)
+  for i, ranker in enumerate(rankers):
     vals = {p: m.get("R@1", 0.0) for r, p, m in rows if r == ranker}
-    ax.bar([j + (i - 0.5) * width for j in range(len(pairs))], [vals.get(p, 0) for p in pairs],
+    ax.bar([j + (i - (len(rankers) - 1) / 2) * width for j in range(len(pairs))], [vals.get(p, 0) for p in pairs],
            width, label=ranker)
   ax.set_xticks(range(len(pairs)), pairs, rotation=30, ha="right")
   ax.set_ylim(0, 1.0)

@@ -121,8 +121,8 @@ def make_optimizer(config) -> optax.GradientTransformation:
       lambda path, x: x.ndim >= 2 and "patterns" not in _path_str(path), params)
   return optax.chain(
       optax.clip_by_global_norm(float(o.clip_norm)),
-      optax.adamw(schedule, b1=float(o.b1), b2=float(o.b2), weight_decay=float(o.weight_decay),
-                  mask=decay_mask))
+      optax.adamw(schedule, b1=float(o.b1), b2=float(o.b2), eps=float(o.get("eps", 1e-8)),
+                  weight_decay=float(o.weight_decay), mask=decay_mask))
 
 
 @dataclasses.dataclass
@@ -207,7 +207,7 @@ def loss_fn(params, rest, batch, *, graphdef, config):
   valid = batch.get("valid", jnp.ones(z.shape[:1], bool)).astype(bool)
   ctx = losses_lib.LossContext(emb=emb, z=z, z_mask=z_mask, valid=valid, memory=model.memory(),
                                logit_scale=model.logit_scale(), modalities=model.modalities,
-                               options=config.loss_options)
+                               options=config.loss_options, group=batch.get("group"))
   loss, metrics = losses_lib.total_loss(dict(config.loss), ctx)
   metrics["logit_scale"] = model.logit_scale()
   metrics["beta"] = jnp.asarray(model.memory()["beta"])

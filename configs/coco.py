@@ -62,7 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict({"infonce": 1.0, "infoloob": 0.0, "energy": 0.1,
                                       "assignment": 0.0, "completion": 1.0})
-  c.loss_options = ml_collections.ConfigDict({"cloob_beta": 14.3})
+  # group_positives: same-group pairs in a batch are positives, not negatives (the group is
+  # the concept for `shapes`, the image for COCO's five captions).
+  c.loss_options = ml_collections.ConfigDict({"cloob_beta": 14.3, "group_positives": True})
   if variant == "contrastive":
     c.loss.energy = c.loss.completion = 0.0
 
@@ -71,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-3 if runlocal else 1e-5, end_lr_factor=0.0, warmup_steps=1 if runlocal else 1000,
-      b1=0.9, b2=0.98, weight_decay=0.1, clip_norm=1.0))
+      b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1, clip_norm=1.0))
   c.log_every = 2 if runlocal else 100
   c.checkpoint = ml_collections.ConfigDict(dict(every=2 if runlocal else 1000, keep=3, async_save=True))
   c.mesh = ml_collections.ConfigDict({"data": -1, "memory": 1})

@@ -58,7 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # L = InfoNCE + gamma * (energy terms); gamma = 0 is the contrastive-only baseline.
   c.loss = ml_collections.ConfigDict({"infonce": 1.0, "infoloob": 0.0, "energy": 0.1,
                                       "assignment": 0.0, "completion": 1.0})
-  c.loss_options = ml_collections.ConfigDict({"cloob_beta": 14.3})
+  # group_positives: same-group pairs in a batch are positives, not negatives (the group is
+  # the concept for `shapes`, the image for COCO's five captions).
+  c.loss_options = ml_collections.ConfigDict({"cloob_beta": 14.3, "group_positives": True})
   if variant == "contrastive":
     c.loss.energy = 0.0
     c.loss.completion = 0.0
@@ -69,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_steps = 1200
   c.grad_accum_steps = 1
   c.optimizer = ml_collections.ConfigDict(dict(
-      lr=2e-3, end_lr_factor=0.02, warmup_steps=100, b1=0.9, b2=0.98, weight_decay=0.05,
+      lr=2e-3, end_lr_factor=0.02, warmup_steps=100, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.05,
       clip_norm=1.0))
 
   c.log_every = 50
@@ -82,7 +84,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.evaluators = ml_collections.ConfigDict({
       "retrieval": dict(split="test", relevance="concept", ks=(1, 5, 10), batch_size=256,
-                        cmhn_method="fixed_point", cmhn_steps=3, unique_per_group=()),
+                        cmhn_method="fixed_point", cmhn_steps=3,
+                        cmhn_memories=("learned", "stored"), stored_split="train",
+                        stored_examples=64 if variant == "runlocal" else 8192, cmhn_beta=None, unique_per_group=()),
   })
 
   if variant == "runlocal":

@@ -38,6 +38,10 @@ def tiny_config(data_config, **overrides) -> ml_collections.ConfigDict:
   c.checkpoint.every = 2
   c.checkpoint.async_save = False
   c.evaluators.retrieval.batch_size = 16
+  # Some biases sit right before a norm that removes them: their gradient is zero up to
+  # float noise, which Adam's tiny eps would blow up to full-size steps of arbitrary sign.
+  # A larger eps keeps sharded-vs-unsharded comparisons about the dynamics, not that noise.
+  c.optimizer.eps = 1e-5
   for k, v in overrides.items():
     node = c
     *parents, leaf = k.split(".")
@@ -104,7 +108,7 @@ def test_report_has_every_directed_pair_and_both_rankers(straight_run):
     saved = json.load(f)
   assert saved["retrieval"] == json.loads(json.dumps(results["retrieval"]))
   pairs = [f"{a}->{b}" for a in ("image", "text", "audio") for b in ("image", "text", "audio") if a != b]
-  for ranker in ("embedding", "cmhn"):
+  for ranker in ("embedding", "cmhn", "cmhn_stored"):
     assert sorted(saved["retrieval"][ranker]) == sorted(pairs)
     for pair in pairs:
       m = saved["retrieval"][ranker][pair]

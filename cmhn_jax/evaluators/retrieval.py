@@ -6,8 +6,12 @@ image is one query, not five). Two rankers:
 
 * `embedding`: cosine between the query's `a` embedding and the gallery's `b` embeddings (the
   contrastive baseline);
-* `cmhn`: the query's `a` embedding is a cue for `retrieval.retrieve` over the learned memory; the
-  completed `b` state is matched (cosine) against the gallery's `b` embeddings.
+* `cmhn`: the query's `a` embedding is a cue for `retrieval.retrieve` over the learned memory
+  (the model's prototypes); the completed `b` state is matched (cosine) against the gallery's
+  `b` embeddings;
+* `cmhn_stored` (with `'stored'` in `cmhn_memories`): the same, over stored items -- the embedded
+  tuples of `stored_split` (the training set by default, never the evaluated split), so a cue
+  recalls the other modalities of the training tuples it resembles (DESIGN.md section 3).
 
 A gallery item is relevant when it shares the query's relevance key (`relevance='concept'` for
 `shapes`, `'group'` -- the image -- for COCO). R@K: the fraction of queries with a relevant item in
@@ -51,21 +55,26 @@ def _embed_fn(setup):
 @functools.lru_cache(maxsize=None)
 def _complete_fn(method: str, max_steps: int, similarity: str, normalizer: str, lam: float):
   @jax.jit
-  def complete(cue, cue_mask, patterns, coupling, beta):
-    return retrieval.retrieve(cue, patterns, cue_mask=cue_mask, coupling=coupling, beta=beta,
+  def complete(cue, cue_mask, patterns, p_mask, coupling, beta):
+    return retrieval.retrieve(cue, patterns, cue_mask=cue_mask, p_mask=p_mask, coupling=coupling, beta=beta,
                               similarity=similarity, normalizer=normalizer, lam=lam,
                               method=method, max_steps=max_steps).state
 
   return complete
 
 
-def embed_split(state, setup, data_config, split: str, batch_size: int) -> dict[str, np.ndarray]:
-  """Embeddings (unit norm) and labels of every example of `split`, gathered on the host."""
+def embed_split(state, setup, data_config, split: str, batch_size: int,
+                max_examples: int | None = None) -> dict[str, np.ndarray]:
+  """Embeddings (unit norm) and labels of the examples of `split` (the first `max_examples`)."""
   pipe = data_lib.get_pipeline(data_config, split, train=False, global_batch_size=batch_size)
   embed = _embed_fn(setup)
   out: dict[str, list] = {}
+  seen = 0
   try:
     for local in pipe:
+      if max_examples is not None and seen >= max_examples:
+        break
+      seen += len(local["valid"])
       batch = data_lib.to_global_batch(local, setup.mesh)
       emb = jax.device_get(embed(state["params"], state["rest"], batch))
       for k, v in itertools.chain(emb.items(), ((k, batch[k]) for k in batch
@@ -75,7 +84,8 @@ def embed_split(state, setup, data_config, split: str, batch_size: int) -> dict[
     pipe.close()
   cat = {k: np.concatenate(v) for k, v in out.items()}
   keep = cat.pop("valid").astype(bool)
-  return {k: v[keep] for k, v in cat.items()}
+  out = {k: v[keep] for k, v in cat.items()}
+  return out if max_examples is None else {k: v[:max_examples] for k, v in out.items()}
 
 
 def ranking_metrics(sims: np.ndarray, relevant: np.ndarray, ks=(1, 5, 10), chunk: int = 1024) -> dict:
@@ -114,18 +124,44 @@ class RetrievalEvaluator:
     self.config = config
     self.data_config = data_config
 
+  def _memories(self, state, setup, model):
+    """`{ranker name: memory kwargs}` for the memories named in `cmhn_memories`."""
+    c = self.config
+    learned = jax.device_get(model.memory())
+    if c.get("cmhn_beta"):
+      learned["beta"] = float(c.cmhn_beta)
+    out = {}
+    for name in tuple(c.get("cmhn_memories", ("learned",))):
+      if name == "learned":
+        out["cmhn"] = learned
+      elif name == "stored":
+        if c.stored_split == c.split:
+          raise ValueError("stored_split must differ from the evaluated split.")
+        stored = embed_split(state, setup, self.data_config, c.stored_split, int(c.batch_size),
+                             max_examples=int(c.stored_examples))
+        z, mask = [], []
+        for m in model.modalities:
+          z.append(stored[f"{model_lib.SHORT[m]}/emb"])
+          mask.append(stored[f"has_{m}"].astype(bool))
+        out["cmhn_stored"] = dict(learned, patterns=np.stack(z, 1), p_mask=np.stack(mask, 1))
+      else:
+        raise ValueError(f"cmhn_memories: {name!r} is unknown; expected 'learned' or 'stored'.")
+    return out
+
   def run(self, state, setup) -> Iterator[tuple[str, Any]]:
     c = self.config
     emb = embed_split(state, setup, self.data_config, c.split, int(c.batch_size))
     model = nnx.merge(setup.graphdef, state["params"], state["rest"])
-    memory = jax.device_get(model.memory())
+    memories = self._memories(state, setup, model)
+    some = next(iter(memories.values()))
     modalities = model.modalities
     key = c.relevance
     labels = emb[key]
-    complete = _complete_fn(c.cmhn_method, int(c.cmhn_steps), memory["similarity"],
-                            c.get("cmhn_normalizer") or memory["normalizer"], float(memory["lam"]))
+    complete = _complete_fn(c.cmhn_method, int(c.cmhn_steps), some["similarity"],
+                            c.get("cmhn_normalizer") or some["normalizer"], float(some["lam"]))
     unique = tuple(c.get("unique_per_group", ()))
     yield "num_examples", int(labels.shape[0])
+    yield "relevance", key
     for a, b in itertools.permutations(modalities, 2):
       ea, eb = emb.get(f"{model_lib.SHORT[a]}/emb"), emb.get(f"{model_lib.SHORT[b]}/emb")
       if ea is None or eb is None:
@@ -138,19 +174,29 @@ class RetrievalEvaluator:
       for name, value in ranking_metrics(ea[qi] @ eb[gi].T, relevant, tuple(c.ks)).items():
         yield f"embedding/{pair}/{name}", value
       m_a, m_b = modalities.index(a), modalities.index(b)
-      completed = []
-      for lo in range(0, len(qi), int(c.batch_size)):
-        q = ea[qi[lo:lo + int(c.batch_size)]]
-        cue = np.zeros((q.shape[0], len(modalities), q.shape[1]), np.float32)
-        cue[:, m_a] = q
-        mask = np.zeros((q.shape[0], len(modalities)), bool)
-        mask[:, m_a] = True
-        completed.append(np.asarray(
-            complete(cue, mask, memory["patterns"], memory["coupling"], memory["beta"]))[:, m_b])
-      comp = np.asarray(E._l2_normalize(jnp.asarray(np.concatenate(completed))))
-      for name, value in ranking_metrics(comp @ eb[gi].T, relevant, tuple(c.ks)).items():
-        yield f"cmhn/{pair}/{name}", value
-      # How close the completion comes to the query's own `b` embedding, where it has one.
-      own = emb[f"has_{b}"][qi].astype(bool)
-      if own.any():
-        yield f"cmhn/{pair}/completion_cosine", float(np.mean(np.sum(comp[own] * eb[qi][own], -1)))
+      for ranker, memory in memories.items():
+        comp = self._complete(complete, ea[qi], m_a, m_b, len(modalities), memory)
+        for name, value in ranking_metrics(comp @ eb[gi].T, relevant, tuple(c.ks)).items():
+          yield f"{ranker}/{pair}/{name}", value
+        # How close the completion comes to the query's own `b` embedding, where it has one.
+        own = emb[f"has_{b}"][qi].astype(bool)
+        if own.any():
+          yield (f"{ranker}/{pair}/completion_cosine",
+                 float(np.mean(np.sum(comp[own] * eb[qi][own], -1))))
+
+  def _complete(self, complete, queries, m_a, m_b, nm, memory) -> np.ndarray:
+    """Completes modality `m_b` from cues that hold only modality `m_a`; unit-norm (Q, d)."""
+    bs = int(self.config.batch_size)
+    out = []
+    for lo in range(0, len(queries), bs):
+      q = queries[lo:lo + bs]
+      cue = np.zeros((q.shape[0], nm, q.shape[1]), np.float32)
+      cue[:, m_a] = q
+      mask = np.zeros((q.shape[0], nm), bool)
+      mask[:, m_a] = True
+      p_mask = memory.get("p_mask")
+      if p_mask is None:
+        p_mask = np.ones(np.shape(memory["patterns"])[:2], bool)
+      state = complete(cue, mask, memory["patterns"], p_mask, memory["coupling"], memory["beta"])
+      out.append(np.asarray(state)[:, m_b])
+    return np.asarray(E._l2_normalize(jnp.asarray(np.concatenate(out))))
