@@ -235,3 +235,55 @@ def test_missing_modalities_are_left_out_of_the_pairs():
 def test_evaluator_registry_lists_known_names():
   with pytest.raises(ValueError, match="retrieval"):
     evaluators.build("zero_shot", ml_collections.ConfigDict(), None)
+
+
+def _one_step_params(config):
+  from cmhn_jax import data  # pylint: disable=g-import-not-at-top
+  mesh = train.make_mesh(config.mesh)
+  pipe = data.get_pipeline(config.data, "train", train=True, global_batch_size=config.batch_size)
+  state, setup = train.create_state(config, pipe.info, mesh)
+  batch = data.to_global_batch(next(iter(pipe)), mesh)
+  pipe.close()
+  state, metrics = train.jit_update(setup, config)(state, jax.random.PRNGKey(0), batch)
+  return jax.device_get(state["params"]), jax.device_get(metrics)
+
+
+def test_gradient_accumulation_equals_the_full_batch_for_a_per_example_loss(shapes_tiny_config):
+  # The energy term is a mean over examples, so two microbatches of 4 give the full batch's
+  # gradient (in-batch contrastive terms would not: their negatives change with the batch).
+  kw = {"loss.infonce": 0.0, "loss.completion": 0.0, "loss.energy": 1.0}
+  full, m_full = _one_step_params(tiny_config(shapes_tiny_config, **kw))
+  accum, m_accum = _one_step_params(tiny_config(shapes_tiny_config, grad_accum_steps=2, **kw))
+  np.testing.assert_allclose(m_accum["loss"], m_full["loss"], rtol=1e-5)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), accum, full)
+
+
+def test_bfloat16_compute_tracks_float32(shapes_tiny_config):
+  _, m32 = _one_step_params(tiny_config(shapes_tiny_config))
+  p16, m16 = _one_step_params(tiny_config(shapes_tiny_config, **{"model.dtype": "bfloat16"}))
+  assert bool(m16["finite"])
+  np.testing.assert_allclose(m16["loss"], m32["loss"], rtol=0.05)
+  assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(p16))  # params stay f32
+
+
+def test_kmeans_recovers_separated_clusters():
+  from cmhn_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  centers = jnp.eye(4, 16)
+  pts = jnp.repeat(centers, 25, axis=0) + 0.05 * jax.random.normal(jax.random.PRNGKey(0), (100, 16))
+  pts = pts / jnp.linalg.norm(pts, axis=-1, keepdims=True)
+  found = model_lib.kmeans(pts, 4, rng=jax.random.PRNGKey(3))
+  match = jnp.max(found @ centers.T, axis=0)  # every true center has a centroid next to it
+  assert jnp.all(match > 0.99), match
+  with pytest.raises(ValueError, match="at least k=200"):
+    model_lib.kmeans(pts, 200, rng=jax.random.PRNGKey(0))
+
+
+def test_kmeans_init_puts_patterns_on_embedded_tuples(shapes_tiny_config, tmp_path):
+  config = tiny_config(shapes_tiny_config, num_steps=0, **{"model.memory.init": "kmeans",
+                                                            "model.memory.kmeans_batches": 2})
+  config.num_steps = 1
+  config.optimizer.lr = 0.0  # keep the initial patterns as they are
+  state, _ = train.train(config, str(tmp_path))
+  p = np.asarray(state["params"]["patterns"])
+  norms = np.linalg.norm(p.reshape(p.shape[0], -1), axis=-1)
+  np.testing.assert_allclose(norms, 1.0, atol=1e-4)  # centroids of unit tuples / sqrt(M)
