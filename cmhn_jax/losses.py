@@ -55,7 +55,8 @@ def _positives(ctx: LossContext, n: int) -> jax.Array:
 
   With several views of one item in a batch (COCO's five captions of an image, or `shapes`
   examples of one concept when the group is the concept), treating them as negatives fights the
-  relevance the evaluation asks for; multi-positive InfoNCE counts them as positives instead.
+  relevance the evaluation asks for; multi-positive InfoNCE (SupCon, Khosla et al. 2020) counts
+  them as positives instead.
   """
   eye = jnp.eye(n, dtype=bool)
   if ctx.group is None or not bool(getattr(ctx.options, "group_positives", False)):
@@ -64,7 +65,7 @@ def _positives(ctx: LossContext, n: int) -> jax.Array:
 
 
 def _masked_ce(logits, keep_rows, keep_cols, positives=None):
-  """-log(sum over positives of softmax), over rows in `keep_rows`, columns in `keep_cols`.
+  """-mean over positives of log softmax, over rows in `keep_rows`, columns in `keep_cols`.
 
   `positives` (B, B) defaults to the diagonal (plain InfoNCE).
   """
@@ -72,8 +73,9 @@ def _masked_ce(logits, keep_rows, keep_cols, positives=None):
   logp = jax.nn.log_softmax(logits, axis=-1)
   if positives is None:
     pos_logp = jnp.diagonal(logp)
-  else:
-    pos_logp = jax.nn.logsumexp(jnp.where(positives & keep_cols[None, :], logp, -jnp.inf), axis=-1)
+  else:  # SupCon's L_out: the mean log-probability of the positives, so all of them are pulled in
+    pos = positives & keep_cols[None, :]
+    pos_logp = jnp.sum(jnp.where(pos, logp, 0.0), -1) / jnp.maximum(jnp.sum(pos, -1), 1)
   w = keep_rows.astype(logits.dtype)
   return -jnp.sum(jnp.where(keep_rows, pos_logp, 0.0)) / jnp.maximum(jnp.sum(w), 1.0)
 

@@ -189,7 +189,7 @@ def test_ranking_metrics_by_hand():
   np.testing.assert_allclose(m["mAP"], (1 / 2 + 1 / 3) / 2)
 
 
-def _ctx(z, mask=None, **memory):
+def _ctx(z, mask=None, group=None, **memory):
   b, m, d = z.shape
   mem = dict(patterns=jax.random.normal(jax.random.PRNGKey(0), (6, m, d)), coupling=jnp.eye(m),
              similarity="cosine", normalizer="softmax", beta=jnp.asarray(5.0), lam=1.0)
@@ -198,7 +198,7 @@ def _ctx(z, mask=None, **memory):
   return losses.LossContext(emb=emb, z=z, z_mask=jnp.ones((b, m), bool) if mask is None else mask,
                             valid=jnp.ones((b,), bool), memory=mem, logit_scale=jnp.asarray(10.0),
                             modalities=("image", "text", "audio")[:m],
-                            options=ml_collections.ConfigDict({"cloob_beta": 14.3}))
+                            options=ml_collections.ConfigDict({"cloob_beta": 14.3}), group=group)
 
 
 def test_contrastive_losses_prefer_aligned_pairs():
@@ -287,3 +287,19 @@ def test_kmeans_init_puts_patterns_on_embedded_tuples(shapes_tiny_config, tmp_pa
   p = np.asarray(state["params"]["patterns"])
   norms = np.linalg.norm(p.reshape(p.shape[0], -1), axis=-1)
   np.testing.assert_allclose(norms, 1.0, atol=1e-4)  # centroids of unit tuples / sqrt(M)
+
+
+def test_group_positives_pull_every_same_group_item_in():
+  # Two groups of two; each row's own pair is perfect, but its other same-group item is far.
+  # Plain InfoNCE is content; with group positives the loss asks for the whole group.
+  a = jnp.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+  z = jnp.stack([a, a], 1)[..., None].repeat(2, -1).reshape(4, 2, 4)
+  z = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+  ctx = _ctx(z, group=None)
+  grouped = ctx._replace(group=jnp.array([0, 0, 1, 1]),
+                         options=ml_collections.ConfigDict({"group_positives": True}))
+  clustered = jnp.stack([jnp.array([[1.0, 0], [1.0, 0], [-1.0, 0], [-1.0, 0]])] * 2, 1)
+  clustered = jnp.concatenate([clustered, jnp.zeros((4, 2, 2))], -1)
+  tight = grouped._replace(z=clustered)
+  assert losses.infonce(grouped)[0] > losses.infonce(tight)[0]
+  assert losses.infonce(ctx)[0] < losses.infonce(ctx._replace(z=clustered))[0]
