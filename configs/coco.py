@@ -4,7 +4,7 @@ Needs, on local disk (nothing is downloaded):
   * the Hugging Face Flax/safetensors CLIP checkpoint `openai/clip-vit-base-patch32` in
     $CMHN_MODELS/clip-vit-base-patch32 (or --config.clip_path=...), its tokenizer beside it;
   * COCO: either raw files (annotations/captions_{train,val}2014.json, train2014/, val2014/ and
-    Karpathy's dataset_coco.json) in $CMHN_DATA_DIR/coco_raw (or --config.data.raw_dir=...),
+    Karpathy's dataset_coco.json) in $CMHN_DATA_DIR/downloads/coco (or --config.data.raw_dir=...),
     or a TFDS-prepared `coco_captions` directory (--config.data.name=coco).
 
   python -m cmhn_jax.main --config=configs/coco.py --workdir=/tmp/cmhn_coco
@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.prepare = "fake_coco_tiny_clip" if runlocal else ""
 
   c.data = data.default_data_config("coco_raw")
-  c.data.raw_dir = os.path.join(scratch, "coco") if runlocal else os.path.join(data.default_data_dir(), "coco_raw")
+  c.data.raw_dir = os.path.join(scratch, "coco") if runlocal else os.path.join(data.default_data_dir(), "downloads", "coco")
   if runlocal:
     c.data.data_dir = os.path.join(scratch, "prepared")
     c.data.image_size = 32

@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.head = "linear"
   c.model.logit_scale = 1 / 0.07
   c.model.encoders = ml_collections.ConfigDict({
-      "image": {"name": "image_cnn", "out_dim": 256, "widths": (32, 64, 128)},
+      "image": {"name": "image_cnn", "out_dim": 256, "widths": (32, 64, 128, 128), "stem_patch": 2},
       "text": {"name": "text_transformer", "out_dim": 256, "width": 128, "depth": 2},
       "audio": {"name": "audio_conv", "out_dim": 256, "widths": (128, 128, 128),
                 "strides": (2, 2, 2), "depth": 1},
@@ -68,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.infonce, c.loss.infoloob = 0.0, 1.0
 
   c.batch_size = 128
-  c.num_steps = 1200
+  c.num_steps = 1500
   c.grad_accum_steps = 1
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=2e-3, end_lr_factor=0.02, warmup_steps=100, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.05,
