@@ -99,6 +99,19 @@ def _chunk(patterns, p_mask, c, k, similarity):
   return E.effective_patterns(p, q, similarity=similarity), idx >= c * k, idx, start
 
 
+def _online_softmax_step(m, s):
+  """One chunk of the online logsumexp: the new running max, the rescale of the old partial
+  sums (`exp(m_old - m_new)`, 0 while nothing was seen) and the chunk's `exp(s - m_new)`."""
+  m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+  m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+  scale = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
+  return m_new, scale, jnp.exp(s - m_safe[:, None])
+
+
+def _lse_from_stream(m, l):
+  return jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
 def _flash_lse(zt, patterns, p_mask, beta, k, similarity):
   """`logsumexp(beta * zt . P_eff^T)` streamed over chunks of `k` patterns, shape `(B,)`."""
@@ -113,16 +126,12 @@ def _flash_scan(zt, patterns, p_mask, beta, k, similarity):
     m, l, acc = carry
     p_eff, valid, _, _ = _chunk(patterns, p_mask, c, k, similarity)
     s = jnp.where(valid, beta * (zt @ p_eff.T), -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-    scale = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
-    w = jnp.exp(s - m_safe[:, None])
+    m_new, scale, w = _online_softmax_step(m, s)
     return (m_new, l * scale + jnp.sum(w, -1), acc * scale[:, None] + w @ p_eff), None
 
   init = (jnp.full((b,), -jnp.inf, zt.dtype), jnp.zeros((b,), zt.dtype), jnp.zeros_like(zt))
   (m, l, acc), _ = jax.lax.scan(body, init, jnp.arange(_num_chunks(patterns.shape[0], k)))
-  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
-  return lse, acc / jnp.where(l > 0, l, 1.0)[:, None]
+  return _lse_from_stream(m, l), acc / jnp.where(l > 0, l, 1.0)[:, None]
 
 
 def _flash_lse_jvp(k, similarity, primals, tangents):
@@ -173,17 +182,14 @@ def _stream_top_k(zt, patterns, p_mask, k, chunk, similarity, beta):
     all_v = jnp.concatenate([vals, cv], -1)
     all_i = jnp.concatenate([idx, rows[ci]], -1)
     nv, order = jax.lax.top_k(all_v, k)
-    m_new = jnp.maximum(m, nv[:, 0])
-    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-    scale = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
-    l = l * scale + jnp.sum(jnp.exp(s - m_safe[:, None]), -1)
+    m_new, scale, w = _online_softmax_step(m, s)
+    l = l * scale + jnp.sum(w, -1)
     return (nv, jnp.take_along_axis(all_i, order, -1), m_new, l), None
 
   init = (jnp.full((b, k), -jnp.inf, zt.dtype), jnp.zeros((b, k), jnp.int32),
           jnp.full((b,), -jnp.inf, zt.dtype), jnp.zeros((b,), zt.dtype))
   (vals, idx, m, l), _ = jax.lax.scan(body, init, jnp.arange(_num_chunks(patterns.shape[0], chunk)))
-  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
-  return vals, idx, lse
+  return vals, idx, _lse_from_stream(m, l)
 
 
 def _candidate_scores(zt, patterns, p_mask, idx, similarity):
