@@ -129,7 +129,7 @@ def main() -> None:
   ap.add_argument("--n", default="10000,100000,1000000")
   ap.add_argument("--b", default="1,64,1024")
   ap.add_argument("--t", default="1,3")
-  ap.add_argument("--chunk", type=int, default=32768)
+  ap.add_argument("--chunk", type=int, default=8192)  # 1024 x 8192 score blocks stay cache-friendly
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args()
