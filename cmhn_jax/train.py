@@ -169,8 +169,7 @@ def create_state(config, info, mesh) -> tuple[dict, Setup]:
   if _is_pretrained(config):  # weights come from files: build eagerly, then shard
     graphdef, state = init(init_rng)
     abstract = jax.eval_shape(lambda: state)
-  else:
-    graphdef, abstract = None, None
+  else:  # trace once for shapes (and the graphdef), then create the state already sharded
     out = {}
 
     def init_state(r):
