@@ -64,6 +64,11 @@ def _positives(ctx: LossContext, n: int) -> jax.Array:
   return eye | (ctx.group[:, None] == ctx.group[None, :])
 
 
+def _masked_mean(x, keep):
+  """Mean of `x` (B,) over the rows in `keep` (B,) bool; 0 when none is kept."""
+  return jnp.sum(jnp.where(keep, x, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+
+
 def _masked_ce(logits, keep_rows, keep_cols, positives=None):
   """-mean over positives of log softmax, over rows in `keep_rows`, columns in `keep_cols`.
 
@@ -76,8 +81,7 @@ def _masked_ce(logits, keep_rows, keep_cols, positives=None):
   else:  # SupCon's L_out: the mean log-probability of the positives, so all of them are pulled in
     pos = positives & keep_cols[None, :]
     pos_logp = jnp.sum(jnp.where(pos, logp, 0.0), -1) / jnp.maximum(jnp.sum(pos, -1), 1)
-  w = keep_rows.astype(logits.dtype)
-  return -jnp.sum(jnp.where(keep_rows, pos_logp, 0.0)) / jnp.maximum(jnp.sum(w), 1.0)
+  return -_masked_mean(pos_logp, keep_rows)
 
 
 def symmetric_infonce(a, b, scale, keep, positives=None):
@@ -108,7 +112,7 @@ def _info_loob(logits, keep):
   n = logits.shape[0]
   off = jnp.where(jnp.eye(n, dtype=bool) | ~keep[None, :], -jnp.inf, logits)
   per = -jnp.diagonal(logits) + jax.nn.logsumexp(off, axis=-1)
-  return jnp.sum(jnp.where(keep, per, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+  return _masked_mean(per, keep)
 
 
 def infoloob(ctx: LossContext):
@@ -136,8 +140,7 @@ def _frozen_memory(ctx):
 def energy(ctx: LossContext):
   mem = _frozen_memory(ctx)
   e = E.energy(ctx.z, z_mask=ctx.z_mask, **mem)
-  keep = ctx.valid & jnp.any(ctx.z_mask, -1)
-  loss = jnp.sum(jnp.where(keep, e, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+  loss = _masked_mean(e, ctx.valid & jnp.any(ctx.z_mask, -1))
   return loss, {"energy": loss}
 
 
@@ -147,8 +150,7 @@ def assignment(ctx: LossContext):
                similarity=mem["similarity"])
   weight = jnp.maximum(jnp.sum(ctx.z_mask, -1), 1)
   per = 1.0 - jnp.max(s, axis=-1) / weight
-  keep = ctx.valid & jnp.any(ctx.z_mask, -1)
-  loss = jnp.sum(jnp.where(keep, per, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+  loss = _masked_mean(per, ctx.valid & jnp.any(ctx.z_mask, -1))
   return loss, {"assignment": loss}
 
 

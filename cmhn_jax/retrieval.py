@@ -214,6 +214,7 @@ class _Setup(NamedTuple):
   lam: Any
   chunk: int | None
   sparse_k: int
+  p_eff: Any = None  # dense path: the (N, M*d) effective patterns, computed once per call
 
 
 def _score_energy(zt, cfg: _Setup):
@@ -222,7 +223,7 @@ def _score_energy(zt, cfg: _Setup):
   aux: the dense scores (B, N), or for a chunked sparse normalizer the exactness flag.
   """
   if cfg.chunk is None:
-    s = zt @ E.effective_patterns(cfg.patterns, cfg.p_mask, similarity=cfg.similarity).T
+    s = zt @ cfg.p_eff.T
     return -cfg.norm.phi(cfg.beta * s) / cfg.beta, s
   if cfg.norm.name == "softmax":
     lse = _flash_lse(zt, cfg.patterns, cfg.p_mask, cfg.beta, cfg.chunk, cfg.similarity)
@@ -308,7 +309,7 @@ def _final_outputs(z, cfg: _Setup, top_k):
       idx = idx[:, :top_k]
     return e + reg, None, idx, weights, exact
   if cfg.chunk is None:
-    s = zt @ E.effective_patterns(cfg.patterns, cfg.p_mask, similarity=cfg.similarity).T
+    s = zt @ cfg.p_eff.T
   else:  # the dense attention was asked for: assemble the (B, N) scores chunk by chunk
     n = cfg.patterns.shape[0]
 
@@ -394,8 +395,12 @@ def retrieve(
   if coupling is not None:
     coupling = jnp.asarray(coupling, dtype)
   norm = normalizers.get(normalizer)
-  cfg = _Setup(jnp.asarray(patterns, dtype), p_mask, coupling, similarity, norm, beta, lam,
-               None if chunk_size is None else min(chunk_size, n), min(sparse_k, n))
+  patterns = jnp.asarray(patterns, dtype)
+  # Dense: normalise and mask the patterns once, not at every step of the loop.
+  p_eff = (E.effective_patterns(patterns, p_mask, similarity=similarity)
+           if chunk_size is None else None)
+  cfg = _Setup(patterns, p_mask, coupling, similarity, norm, beta, lam,
+               None if chunk_size is None else min(chunk_size, n), min(sparse_k, n), p_eff)
   if step_size is None:
     if similarity == "dot":
       step_size = 1.0 / lam

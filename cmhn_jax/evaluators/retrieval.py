@@ -107,7 +107,8 @@ def ranking_metrics(sims: np.ndarray, relevant: np.ndarray, ks=(1, 5, 10), chunk
   return out
 
 
-def _select(emb, modality, unique: bool, key: str):
+def _select(emb, modality, unique: bool):
+  """Rows that have `modality`; with `unique`, only the first row of each group."""
   idx = np.flatnonzero(emb[f"has_{modality}"].astype(bool))
   if unique:
     _, first = np.unique(emb["group"][idx], return_index=True)
@@ -166,7 +167,7 @@ class RetrievalEvaluator:
       ea, eb = emb.get(f"{model_lib.SHORT[a]}/emb"), emb.get(f"{model_lib.SHORT[b]}/emb")
       if ea is None or eb is None:
         continue
-      qi, gi = _select(emb, a, a in unique, key), _select(emb, b, b in unique, key)
+      qi, gi = _select(emb, a, a in unique), _select(emb, b, b in unique)
       if len(qi) == 0 or len(gi) == 0:
         continue
       relevant = labels[qi][:, None] == labels[gi][None, :]
