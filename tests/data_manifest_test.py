@@ -85,6 +85,13 @@ def test_manifest_end_to_end(manifest_config):
   assert long_tone["audio_mask"].all()  # 3 s cropped to 2 s
 
 
+def test_redraw_is_refused_for_data_it_cannot_redraw(manifest_config):
+  cfg = manifest_config.copy_and_resolve_references()
+  cfg.train_augment = "redraw"
+  with pytest.raises(ValueError, match="only the `shapes` dataset"):
+    data.get_pipeline(cfg, "train", train=True, global_batch_size=2)
+
+
 def test_changed_manifest_is_refused_not_rebuilt(manifest_config, tmp_path):
   cfg = manifest_config.copy_and_resolve_references()
   with open(cfg.manifest_path) as f:
@@ -138,3 +145,4 @@ def test_corrupt_image_names_the_file_or_record(tmp_path):
          "concept": -1, "group": 7, "index": 7, "instance": 7}
   with pytest.raises(image_lib.CorruptImageError, match=r"row 7 \(line 8, cut\.jpg\)"):
     pre(raw)
+

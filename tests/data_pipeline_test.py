@@ -113,6 +113,26 @@ def test_cache_gives_the_same_batches(shapes_tiny_config, train):
   assert batches[True][-1]["valid"].sum() < 12  # padding included
 
 
+def test_redraw_augments_training_images_only(shapes_tiny_config):
+  """Training batches of `shapes` carry redrawn images (not the stored ones), the same for a
+  given seed, different for another; eval batches keep the stored images."""
+  kwargs = dict(global_batch_size=64, seed=0, num_epochs=1)
+  evals = next(iter(data.get_pipeline(shapes_tiny_config, "train", train=False, **kwargs)))
+  stored = {int(i): img for i, img in zip(evals["index"], evals["image"])}
+  first = next(iter(data.get_pipeline(shapes_tiny_config, "train", train=True, **kwargs)))
+  again = next(iter(data.get_pipeline(shapes_tiny_config, "train", train=True, **kwargs)))
+  assert "redraw" not in first
+  np.testing.assert_array_equal(first["image"], again["image"])
+  assert all(not np.array_equal(img, stored[int(i)]) for i, img in zip(first["index"], first["image"]))
+  # Each redraw is an image like the stored ones (same normalisation and range).
+  np.testing.assert_allclose(first["image"].mean(), evals["image"].mean(), atol=0.1)
+  cfg = shapes_tiny_config.copy_and_resolve_references()
+  cfg.train_augment = "none"
+  plain = next(iter(data.get_pipeline(cfg, "train", train=True, **kwargs)))
+  np.testing.assert_array_equal(plain["index"], first["index"])  # augmenting keeps the order
+  assert all(np.array_equal(img, stored[int(i)]) for i, img in zip(plain["index"], plain["image"]))
+
+
 def test_seed_changes_order(shapes_tiny_config):
   a = next(iter(data.get_pipeline(shapes_tiny_config, "train", train=True, global_batch_size=8, seed=0)))
   b = next(iter(data.get_pipeline(shapes_tiny_config, "train", train=True, global_batch_size=8, seed=1)))

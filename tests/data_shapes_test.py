@@ -95,29 +95,73 @@ def _hue(rgb):
   return 60 * h, d / (mx + 1e-9)
 
 
+_REF_HUES = {c: float(_hue(np.array([rgb]))[0][0]) for c, rgb in shapes.COLOUR_RGB.items()}
+
+
+def _foreground(img):
+  """The saturated (shape) pixels of an image, as a flat bool mask, and their hues."""
+  img = img.astype(np.float64)
+  hue, sat = _hue(img.reshape(-1, 3))
+  return (sat > 0.4) & (img.reshape(-1, 3).max(1) > 60), hue
+
+
+def _assert_caption_matches_pixels(caption, img):
+  """The caption's colour word names the colour of the saturated pixels, and its position
+  words name the grid cell of their centroid."""
+  parsed = shapes.parse_caption(caption)
+  fg, hue = _foreground(img)
+  assert fg.sum() >= 20, caption
+  # Colour: the mean hue of the shape's pixels, nearest reference hue.
+  mean_hue = np.degrees(np.angle(np.exp(1j * np.radians(hue[fg])).mean())) % 360
+  dist = {c: min(abs(mean_hue - h), 360 - abs(mean_hue - h)) for c, h in _REF_HUES.items()}
+  assert min(dist, key=dist.get) == shapes.COLOURS[parsed["colour"]], caption
+  # Position: the cell of the centroid of those pixels.
+  size = img.shape[0]
+  ys, xs = np.divmod(np.nonzero(fg)[0], size)
+  col, row = int(3 * xs.mean() / size), int(3 * ys.mean() / size)
+  assert (row, col) == (parsed["row"], parsed["col"]), caption
+
+
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_caption_matches_pixels(shapes_tiny_config, split):
-  """The caption's colour word names the colour of the saturated pixels, and
-  its position words name the grid cell of their centroid."""
-  ref_hues = {c: float(_hue(np.array([rgb]))[0][0]) for c, rgb in shapes.COLOUR_RGB.items()}
   for r in _all(_records(shapes_tiny_config, split)):
     caption = r["caption"].decode()
-    parsed = shapes.parse_caption(caption)
-    img = r["image"].astype(np.float64)
-    hue, sat = _hue(img.reshape(-1, 3))
-    fg = (sat > 0.4) & (img.reshape(-1, 3).max(1) > 60)
-    assert fg.sum() >= 20, caption
-    # Colour: the mean hue of the shape's pixels, nearest reference hue.
-    mean_hue = np.degrees(np.angle(np.exp(1j * np.radians(hue[fg])).mean())) % 360
-    dist = {c: min(abs(mean_hue - h), 360 - abs(mean_hue - h)) for c, h in ref_hues.items()}
-    assert min(dist, key=dist.get) == shapes.COLOURS[parsed["colour"]], caption
-    # Position: the cell of the centroid of those pixels.
-    size = img.shape[0]
-    ys, xs = np.divmod(np.nonzero(fg)[0], size)
-    col, row = int(3 * xs.mean() / size), int(3 * ys.mean() / size)
-    assert (row, col) == (parsed["row"], parsed["col"]), caption
-    # Size: the foreground area grows with the size word.
-    assert int(r["size"]) == parsed["size"]
+    _assert_caption_matches_pixels(caption, r["image"])
+    assert int(r["size"]) == shapes.parse_caption(caption)["size"]
+
+
+def test_redraw_is_a_new_image_of_the_same_caption(shapes_tiny_config):
+  """A redraw keeps the caption true (colour, cell, size class, shape) and changes the rest."""
+  areas = {0: [], 1: [], 2: []}
+  for r in _all(_records(shapes_tiny_config, "train"))[:24]:
+    caption = r["caption"].decode()
+    fields = shapes.redraw_fields(r, r["image"].shape[0])
+    a = shapes.redraw_image(fields, np.random.default_rng(0))
+    b = shapes.redraw_image(fields, np.random.default_rng(1))
+    assert a.shape == b.shape == r["image"].shape and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, shapes.redraw_image(fields, np.random.default_rng(0)))
+    assert not np.array_equal(a, b) and not np.array_equal(a, r["image"])
+    for img in (a, b):
+      _assert_caption_matches_pixels(caption, img)
+      areas[int(r["size"])].append(_foreground(img)[0].sum())
+  means = [np.mean(areas[s]) for s in range(3)]
+  assert means[0] < means[1] < means[2], means
+
+
+def test_redraw_with_the_records_own_unstated_attributes_is_the_record(shapes_tiny_config,
+                                                                      monkeypatch):
+  """What a redraw keeps (`redraw_fields`) plus what it resamples is the whole image: given
+  the record's own rotation, centre, radius, texture and noise seed, it redraws the record
+  byte for byte (so it keeps the shape, not only what the pixel checks above can see)."""
+  config = shapes.make_config("tiny")
+  for r in _all(_records(shapes_tiny_config, "train"))[:8]:
+    a = shapes.sample_attributes(config, "train", int(r["index"]))
+    own = {k: a[k] for k in ("centre", "radius", "rotation", "texture", "image_seed")}
+    fields = shapes.redraw_fields(r, r["image"].shape[0])
+    with monkeypatch.context() as m:  # undone before the next record's `sample_attributes`
+      m.setattr(shapes, "_unstated_attributes", lambda *_, own=own: own)
+      redrawn = shapes.redraw_image(fields, np.random.default_rng(0))
+    np.testing.assert_array_equal(redrawn, r["image"])
 
 
 def test_bigger_words_bigger_shapes(shapes_tiny_config):

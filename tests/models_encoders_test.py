@@ -144,6 +144,19 @@ def test_image_encoder_arguments_are_checked():
     vit(jnp.zeros((1, 64, 64, 3)))
 
 
+def test_cnn_max_pool_is_checked_and_trains_every_param():
+  model = _build('image_cnn', pool='max')
+  (x,) = _inputs('image_cnn')
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(x) ** 2)))(params)
+  assert all(np.any(np.asarray(g)) for g in jax.tree_util.tree_leaves(grads))
+  # Same weights (same seed), another pooling: the option is really used.
+  mean = _build('image_cnn')
+  assert not np.allclose(_forward(model, x), _forward(mean, x))
+  with pytest.raises(ValueError, match='pool must be one of'):
+    _build('image_cnn', pool='cls')
+
+
 def test_registry_errors_name_the_problem():
   assert {'image_cnn', 'image_vit', 'text_transformer', 'audio_conv', 'clip_vision',
           'clip_text', 'bert', 'wav2vec2'} <= set(ENCODERS)

@@ -37,7 +37,10 @@ def default_data_config(name: str = "shapes") -> ml_collections.ConfigDict:
       ('tfds' only; nested keys as 'captions/text').
     captions_per_image: texts kept per record (COCO: 5, one example each).
     image_size, image_mean, image_std: output image side and normalisation.
-    train_augment: 'none' | 'random_resized_crop'; crop_scale: its area range.
+    train_augment: 'none' | 'random_resized_crop' (crop_scale: its area
+      range) | 'redraw' (shapes only: each training image is drawn afresh with
+      what its caption states kept and the rest -- rotation, texture, noise,
+      jitter -- resampled; see `shapes.redraw_image`).
     text_max_len, tokenizer ('word' or a local Hugging Face tokenizer
       directory), vocab_min_count, vocab_max_size (0: no limit).
     audio_feature: 'logmel' | 'waveform'; sample_rate, n_mels, win_length,
@@ -45,7 +48,7 @@ def default_data_config(name: str = "shapes") -> ml_collections.ConfigDict:
     cache: preprocess the split once (as for eval) and serve batches from
       memory: True, False, or None = auto (shapes without augmentation, when
       it fits in cache_max_mb). Cached training has no per-example randomness
-      beyond the shuffle, and ignores num_workers.
+      beyond the shuffle and `redraw`, and ignores num_workers.
     num_workers: grain worker processes (0: in the main process);
       read_threads: threads per process; prefetch: batches buffered ahead.
   """
@@ -76,8 +79,9 @@ def default_data_config(name: str = "shapes") -> ml_collections.ConfigDict:
   c.image_size = 224 if photos else 64
   c.image_mean = image_lib.CLIP_MEAN if photos else (0.5, 0.5, 0.5)
   c.image_std = image_lib.CLIP_STD if photos else (0.5, 0.5, 0.5)
-  # Crops would move the shape and change its position word: none for shapes.
-  c.train_augment = "random_resized_crop" if photos or name == "manifest" else "none"
+  # Crops and flips would move the shape and change its position word; shapes
+  # redraws instead (a fresh image of the same caption).
+  c.train_augment = "redraw" if is_shapes else "random_resized_crop"
   c.crop_scale = (0.5, 1.0)
   # Text.
   c.text_max_len = 16 if is_shapes else 32

@@ -25,11 +25,12 @@ import numpy as np
 
 from cmhn_jax.data import audio as audio_lib
 from cmhn_jax.data import image as image_lib
+from cmhn_jax.data import shapes as shapes_lib
 from cmhn_jax.data import sources
 from cmhn_jax.data import text as text_lib
 
 AUDIO_FEATURES = ("logmel", "waveform")
-AUGMENTS = ("none", "random_resized_crop")
+AUGMENTS = ("none", "random_resized_crop", "redraw")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +96,7 @@ class Preprocessor:
     self.mean = tuple(float(v) for v in cfg.image_mean)
     self.std = tuple(float(v) for v in cfg.image_std)
     self.augment = cfg.train_augment if train else "none"
+    self.redraw = self.augment == "redraw"
     self.crop_scale = tuple(float(v) for v in cfg.crop_scale)
     self.text_len = int(cfg.text_max_len)
     self.audio_feature = cfg.audio_feature
@@ -126,12 +128,19 @@ class Preprocessor:
     for k in ("concept", "group", "index", "instance"):
       out[k] = np.int32(-1)
     out["valid"] = np.bool_(False)
+    if self.redraw:  # kept until `finalize`, so a cached row can be redrawn
+      out["redraw"] = np.full(len(shapes_lib.REDRAW_FIELDS), -1, np.int32)
     return out
 
   def __call__(self, raw: dict, rng: np.random.Generator | None = None) -> dict:
     out = self.empty()
+    if self.redraw and raw.get("image") is not None:
+      out["redraw"] = np.asarray(raw["redraw"], np.int32)
     if "image" in self.modalities and raw.get("image") is not None:
-      out["image"] = self._image(raw["image"], raw["name"], rng)
+      if self.redraw and rng is not None:
+        out["image"] = self.redraw_image(out["redraw"], self.redraw_seed(rng))
+      else:
+        out["image"] = self._image(raw["image"], raw["name"], rng)
       out["has_image"] = np.bool_(True)
     if "text" in self.modalities and raw.get("text") is not None:
       out["text"], out["text_mask"] = self.tokenizer.encode(raw["text"], self.text_len)
@@ -157,6 +166,16 @@ class Preprocessor:
     else:
       pixels = image_lib.resize_centre_crop(img, self.image_size)
     return pixels
+
+  @staticmethod
+  def redraw_seed(rng: np.random.Generator) -> int:
+    """The one draw a redraw takes from an example's rng (the same with or without cache)."""
+    return int(rng.integers(2**63))
+
+  def redraw_image(self, fields, seed: int) -> np.ndarray:
+    """`shapes.redraw_image` at the dataset's own side, then this pipeline's resize."""
+    img = shapes_lib.redraw_image(fields, np.random.default_rng(seed))
+    return image_lib.resize_centre_crop(img, self.image_size)
 
   def _audio(self, wave, rate: int, rng):
     x = np.asarray(wave)
@@ -196,6 +215,7 @@ class Preprocessor:
 
   def finalize(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Normalises the batch's images; missing images stay all zeros."""
+    batch.pop("redraw", None)
     if "image" in batch:
       image = image_lib.normalize(batch["image"], self.mean, self.std)
       image[~batch["has_image"]] = 0.0
@@ -212,8 +232,10 @@ class Preprocessor:
 class _Cache:
   """A shard's examples, preprocessed once (as for eval) and held in memory.
 
-  `batch(indices)` gathers rows (index -1 gives a padding row) and finalises
-  them: a batch costs a few copies instead of reading and featurising.
+  `batch(items)` gathers rows (index -1 gives a padding row) and finalises
+  them: a batch costs a few copies instead of reading and featurising. With
+  `train_augment='redraw'` an item is `(index, seed)` and the row's image is
+  drawn afresh from that seed, as the uncached pipeline would draw it.
   """
 
   def __init__(self, ds: grain.MapDataset, pre: Preprocessor, read_threads: int,
@@ -229,13 +251,19 @@ class _Cache:
   def nbytes(self) -> int:
     return sum(v.nbytes for v in self.arrays.values())
 
-  def batch(self, indices) -> dict[str, np.ndarray]:
-    idx = np.asarray(indices, np.int64)
+  def batch(self, items) -> dict[str, np.ndarray]:
+    seeds = None
+    if self._pre.redraw:
+      items, seeds = zip(*((i, None) if np.ndim(i) == 0 else i for i in items))
+    idx = np.asarray(items, np.int64)
     pad = idx < 0
     out = {k: v[np.where(pad, 0, idx)] for k, v in self.arrays.items()}
     if pad.any():
       for k, v in out.items():
         v[pad] = self._empty[k][0]
+    if seeds is not None and "image" in out:
+      for row in np.flatnonzero(~pad & out["has_image"]):
+        out["image"][row] = self._pre.redraw_image(out["redraw"][row], seeds[row])
     return self._pre.finalize(out)
 
 
@@ -245,13 +273,14 @@ def _cache_bytes_per_example(pre: Preprocessor) -> int:
 
 
 def _use_cache(cfg, pre: Preprocessor, num_examples: int) -> bool:
-  """`cache` True/False, or None (auto): shapes without augmentation that fits
-  in `cache_max_mb` (its preprocessing is deterministic: nothing is lost)."""
+  """`cache` True/False, or None (auto): shapes, without augmentation or with
+  `redraw` (which the cache does itself), that fits in `cache_max_mb`: its
+  preprocessing is otherwise deterministic, so nothing is lost."""
   mode = cfg.get("cache")
   if mode is not None:
     return bool(mode)
   size_mb = num_examples * _cache_bytes_per_example(pre) / 2**20
-  return (cfg.name == "shapes" and cfg.train_augment == "none"
+  return (cfg.name == "shapes" and cfg.train_augment in ("none", "redraw")
           and size_mb <= float(cfg.get("cache_max_mb", 2048)))
 
 
@@ -393,6 +422,11 @@ def get_pipeline(data_config: ml_collections.ConfigDict, split: str, *, train: b
   source = dataset.source(split)
   tokenizer = make_tokenizer(data_config, dataset) if "text" in dataset.modalities else None
   pre = Preprocessor(data_config, dataset.modalities, tokenizer, train=train)
+  if pre.redraw and dataset.name != "shapes":
+    raise ValueError(
+        f"train_augment='redraw' draws each image afresh from what its caption states, which "
+        f"only the `shapes` dataset can do, not {dataset.name!r}. Use "
+        f"train_augment='random_resized_crop' or 'none'.")
   n = len(source)
 
   ds = grain.MapDataset.source(source)
@@ -418,6 +452,8 @@ def get_pipeline(data_config: ml_collections.ConfigDict, split: str, *, train: b
     ds = ds.shuffle(seed=shuffle_seed).repeat(num_epochs)
     if cache is None:
       ds = ds.random_map(pre.train_fn, seed=augment_seed)
+    elif pre.redraw:  # the same per-example rng as `train_fn` gets, so the same images
+      ds = ds.random_map(lambda i, rng: (i, pre.redraw_seed(rng)), seed=augment_seed)
     if num_epochs is None:
       num_batches = None
     elif drop_remainder:

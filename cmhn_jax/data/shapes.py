@@ -236,18 +236,10 @@ def sample_attributes(config: ShapesConfig, split: str, index: int) -> dict:
   size = int(rng.integers(len(SIZES)))
   row, col = (int(v) for v in rng.integers(3, size=2))
   position = 3 * row + col
-  centre = (
-      _CELL_CENTRES[col] + rng.uniform(-_POSITION_JITTER, _POSITION_JITTER),
-      _CELL_CENTRES[row] + rng.uniform(-_POSITION_JITTER, _POSITION_JITTER),
-  )
-  radius = _SIZE_RADIUS[SIZES[size]] * (1 + rng.uniform(-_RADIUS_JITTER, _RADIUS_JITTER))
   attrs = dict(
       index=index, concept=concept, shape=shape, colour=colour, size=size,
       position=position, row=row, col=col,
-      centre=(float(centre[0]), float(centre[1])), radius=float(radius),
-      rotation=float(rng.uniform(0.0, 360.0)),
-      texture=int(rng.integers(len(TEXTURES))),
-      image_seed=int(rng.integers(2**31)),
+      **_unstated_attributes(rng, size, row, col),
       audio_seed=int(rng.integers(2**31)),
   )
   attrs["caption"] = _caption(attrs, rng)
@@ -258,6 +250,22 @@ def sample_attributes(config: ShapesConfig, split: str, index: int) -> dict:
       rate=int(rng.integers(165, 216)), pitch=int(rng.integers(30, 71)),
       pitch_range=int(rng.integers(30, 81)))
   return attrs
+
+
+def _unstated_attributes(rng: np.random.Generator, size: int, row: int, col: int) -> dict:
+  """What the caption leaves open, given its size and grid cell: the exact centre and radius
+  (jittered within the cell and the size class), rotation, texture and the pixel noise seed."""
+  centre = (
+      _CELL_CENTRES[col] + rng.uniform(-_POSITION_JITTER, _POSITION_JITTER),
+      _CELL_CENTRES[row] + rng.uniform(-_POSITION_JITTER, _POSITION_JITTER),
+  )
+  radius = _SIZE_RADIUS[SIZES[size]] * (1 + rng.uniform(-_RADIUS_JITTER, _RADIUS_JITTER))
+  return dict(
+      centre=(float(centre[0]), float(centre[1])), radius=float(radius),
+      rotation=float(rng.uniform(0.0, 360.0)),
+      texture=int(rng.integers(len(TEXTURES))),
+      image_seed=int(rng.integers(2**31)),
+  )
 
 
 def _pick(rng: np.random.Generator, words: Sequence[str]) -> str:
@@ -398,6 +406,31 @@ def render_image(attrs: dict, size: int) -> np.ndarray:
   mask = _shape_mask(attrs, size)[..., None]
   image = bg * (1 - mask) + fg * mask
   return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+# Attributes a redraw keeps (`redraw_fields`), in this order.
+REDRAW_FIELDS = ("shape", "colour", "size", "position", "image_size")
+
+
+def redraw_fields(record: dict, image_size: int) -> np.ndarray:
+  """The int32 vector `redraw_image` needs: what the caption states, and the image side."""
+  return np.array([int(record[k]) for k in REDRAW_FIELDS[:-1]] + [int(image_size)], np.int32)
+
+
+def redraw_image(fields, rng: np.random.Generator) -> np.ndarray:
+  """A new image that its example's caption and speech describe just as well (augmentation).
+
+  Keeps what the caption states (shape, colour, size word, grid cell: `REDRAW_FIELDS`) and
+  draws afresh from the generator's own distribution everything it leaves open: rotation,
+  background texture, pixel noise, the shape's tint, its exact position within the cell and
+  its radius within the size class. Unlike crops or flips, which move the shape to another
+  cell or mirror "left" into "right", every redraw is a true example of the same caption, so
+  instance-level relevance stays meaningful. uint8 (image_size, image_size, 3).
+  """
+  shape, colour, size, position, image_size = (int(v) for v in fields)
+  row, col = divmod(position, 3)
+  attrs = dict(shape=shape, colour=colour, **_unstated_attributes(rng, size, row, col))
+  return render_image(attrs, image_size)
 
 
 def finish_audio(wave: np.ndarray, source_rate: int, attrs: dict,

@@ -7,6 +7,8 @@ preprocessing:
     text      str or None
     audio     int16 or float waveform at `audio_rate`, or None
     audio_rate, concept, group, instance, index (ints), name (str, for errors)
+    redraw    (shapes only) what `shapes.redraw_image` needs to draw the
+              image afresh for the same caption (`train_augment='redraw'`)
 
 `open_dataset(config)` returns a `Dataset`; `Dataset.source(split)` a picklable
 random-access sequence of raw examples (what grain's `MapDataset.source` takes).
@@ -204,6 +206,7 @@ class ShapesSource(Sequence):
         "instance": shapes_lib.instance_id(concept, int(r["size"]),
                                            int(r["position"])),
         "index": int(index), "name": f"shapes/{self._split}[{index}]",
+        "redraw": shapes_lib.redraw_fields(r, r["image"].shape[0]),
     }
 
 
