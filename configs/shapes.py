@@ -37,7 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.head = "linear"
   c.model.logit_scale = 1 / 0.07
   c.model.encoders = ml_collections.ConfigDict({
-      "image": {"name": "image_cnn", "out_dim": 256, "widths": (32, 64, 128, 128), "stem_patch": 2},
+      "image": {"name": "image_cnn", "out_dim": 256, "widths": (32, 64, 128, 128), "stem_patch": 2,
+                "pool": "max"},
       "text": {"name": "text_transformer", "out_dim": 256, "width": 128, "depth": 2},
       "audio": {"name": "audio_conv", "out_dim": 256, "widths": (128, 128, 128),
                 "strides": (2, 2, 2), "depth": 1},
