@@ -87,7 +87,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "retrieval": dict(split="test", relevance="concept", ks=(1, 5, 10), batch_size=256,
                         cmhn_method="fixed_point", cmhn_steps=3,
                         cmhn_memories=("learned", "stored"), stored_split="train",
-                        stored_examples=64 if variant == "runlocal" else 8192, cmhn_beta=None, unique_per_group=()),
+                        stored_examples=64 if variant == "runlocal" else 8192, unique_per_group=(),
+                        # None: the memory's own (learned) beta; set a float to override it.
+                        cmhn_beta=ml_collections.config_dict.placeholder(float)),
   })
 
   if variant == "runlocal":

@@ -178,6 +178,19 @@ def test_cli_rejects_an_unknown_config_key(tmp_path):
   assert "num_stepz" in out.stderr
 
 
+def test_optional_config_keys_can_be_set_from_the_command_line(shapes_tiny_config, tmp_path):
+  """A key whose default is None must be a typed placeholder, or `--config.key=v` is refused
+  before anything runs. Here the overrides parse and the run gets as far as finding no
+  checkpoint to evaluate."""
+  out = subprocess.run(
+      [sys.executable, "-m", "cmhn_jax.main", "--config=configs/shapes.py:runlocal",
+       f"--workdir={tmp_path}", "--mode=eval", "--config.evaluators.retrieval.cmhn_beta=50",
+       "--config.data.cache=False", f"--config.data.data_dir={shapes_tiny_config.data_dir}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert "Nothing to evaluate" in out.stderr, out.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------- metrics & losses
 
 
