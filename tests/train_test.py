@@ -120,6 +120,21 @@ def test_report_has_every_directed_pair_and_both_rankers(straight_run):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "events")))
 
 
+def test_beta_overrides_reach_only_their_own_memory(straight_run):
+  config, workdir, _, _ = straight_run
+  state, setup = train.train(config, workdir)  # restores the finished run; trains nothing
+  model = train.merge_model(setup, state)
+  learned_beta = float(model.beta())
+  ev_config = ml_collections.ConfigDict(config.evaluators.retrieval.to_dict())
+  ev_config.cmhn_beta, ev_config.stored_beta = None, 3.0
+  memories = retrieval_eval.RetrievalEvaluator(ev_config, config.data)._memories(state, setup, model)
+  assert float(memories["cmhn"]["beta"]) == pytest.approx(learned_beta)
+  assert float(memories["cmhn_stored"]["beta"]) == 3.0
+  ev_config.cmhn_beta, ev_config.stored_beta = 11.0, None
+  memories = retrieval_eval.RetrievalEvaluator(ev_config, config.data)._memories(state, setup, model)
+  assert float(memories["cmhn"]["beta"]) == float(memories["cmhn_stored"]["beta"]) == 11.0
+
+
 def test_checkpoint_of_another_model_is_refused_and_untouched(straight_run, shapes_tiny_config):
   _, workdir, _, _ = straight_run
   ckpt = os.path.join(workdir, "checkpoints")

@@ -13,6 +13,11 @@ image is one query, not five). Two rankers:
   tuples of `stored_split` (the training set by default, never the evaluated split), so a cue
   recalls the other modalities of the training tuples it resembles (DESIGN.md section 3).
 
+Inverse temperatures: `cmhn_beta` overrides the learned memory's own `beta`; `stored_beta` sets
+the stored-item memory's (default: the learned memory's, after `cmhn_beta`). They are separate
+because the memories differ: a few prototypes want a soft read-out that a memory of thousands of
+items, each one an exact embedding, would blur across its nearest dozens of neighbours.
+
 A gallery item is relevant when it shares the query's relevance key (`relevance='concept'` for
 `shapes`, `'group'` -- the image -- for COCO). R@K: the fraction of queries with a relevant item in
 the top K. mAP: the mean over queries of the average precision of the full ranking.
@@ -145,6 +150,8 @@ class RetrievalEvaluator:
           z.append(stored[f"{model_lib.SHORT[m]}/emb"])
           mask.append(stored[f"has_{m}"].astype(bool))
         out["cmhn_stored"] = dict(learned, patterns=np.stack(z, 1), p_mask=np.stack(mask, 1))
+        if c.get("stored_beta"):
+          out["cmhn_stored"]["beta"] = float(c.stored_beta)
       else:
         raise ValueError(f"cmhn_memories: {name!r} is unknown; expected 'learned' or 'stored'.")
     return out
