@@ -133,6 +133,21 @@ def test_redraw_augments_training_images_only(shapes_tiny_config):
   assert all(np.array_equal(img, stored[int(i)]) for i, img in zip(plain["index"], plain["image"]))
 
 
+def test_redraw_in_worker_processes_gives_the_same_batches(shapes_tiny_config):
+  """With the cache, `num_workers` processes redraw the images: the same images, in order."""
+  batches = {}
+  for workers in (0, 2):
+    cfg = shapes_tiny_config.copy_and_resolve_references()
+    cfg.cache, cfg.num_workers = True, workers
+    pipe = data.get_pipeline(cfg, "train", train=True, global_batch_size=24, seed=3)
+    it = iter(pipe)
+    batches[workers] = [next(it) for _ in range(3)]
+    pipe.close()
+  for a, b in zip(batches[0], batches[2]):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def test_seed_changes_order(shapes_tiny_config):
   a = next(iter(data.get_pipeline(shapes_tiny_config, "train", train=True, global_batch_size=8, seed=0)))
   b = next(iter(data.get_pipeline(shapes_tiny_config, "train", train=True, global_batch_size=8, seed=1)))

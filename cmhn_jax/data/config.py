@@ -48,7 +48,8 @@ def default_data_config(name: str = "shapes") -> ml_collections.ConfigDict:
     cache: preprocess the split once (as for eval) and serve batches from
       memory: True, False, or None = auto (shapes without augmentation, when
       it fits in cache_max_mb). Cached training has no per-example randomness
-      beyond the shuffle and `redraw`, and ignores num_workers.
+      beyond the shuffle and `redraw`; its num_workers processes do the
+      redrawing, if any.
     num_workers: grain worker processes (0: in the main process);
       read_threads: threads per process; prefetch: batches buffered ahead.
   """
