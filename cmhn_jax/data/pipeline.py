@@ -281,16 +281,14 @@ class _Cache:
     if seeds is not None and "image" in out:
       rows = np.flatnonzero(~pad & out["has_image"])
       tasks = [(out["redraw"][r], seeds[r], self._pre.image_size) for r in rows]
-      if self._redraw_workers and len(tasks) > 1:
-        n = self._redraw_workers
-        images = [img for part in self._executor().map(_redraw_many, [tasks[i::n] for i in range(n)])
-                  for img in part]
-        order = [i for k in range(n) for i in range(k, len(tasks), n)]
-        for i, img in zip(order, images):
-          out["image"][rows[i]] = img
+      if self._redraw_workers and len(tasks) > 1:  # one contiguous part per worker
+        bounds = np.linspace(0, len(tasks), self._redraw_workers + 1).astype(int)
+        parts = [tasks[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+        images = [img for part in self._executor().map(_redraw_many, parts) for img in part]
       else:
-        for r, t in zip(rows, tasks):
-          out["image"][r] = _redraw(*t)
+        images = _redraw_many(tasks)
+      for r, img in zip(rows, images):
+        out["image"][r] = img
     return self._pre.finalize(out)
 
   def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
