@@ -110,8 +110,9 @@ class ImageEncoder(nnx.Module):
   16x16 -> 8x8 -> 4x4), each stage followed by `stage_depth` residual 3x3 convs at its
   resolution; every conv is followed by the norm ('group' GroupNorm or 'layer' LayerNorm
   over channels) and gelu. Then global pooling ('mean', or 'max', which keeps a small object's
-  features from being averaged away by the background), LayerNorm and a Linear to `out_dim`. The patchify stem keeps the CPU cost low: no conv runs at the input
-  resolution (one that did made the whole encoder 2-3x slower on CPU).
+  features from being averaged away by the background), LayerNorm and a Linear to `out_dim`.
+  The patchify stem keeps the CPU cost low: no conv runs at the input resolution (one that
+  did made the whole encoder 2-3x slower on CPU).
 
   kind='vit' (arguments `patch_size`, `width`, `depth`, `num_heads`, `mlp_ratio`,
   `image_size`, `pool`): non-overlapping patches embedded by a strided conv, learned
