@@ -141,7 +141,7 @@ class Preprocessor:
       out["redraw"] = np.asarray(raw["redraw"], np.int32)
     if "image" in self.modalities and raw.get("image") is not None:
       if self.redraw and rng is not None:
-        out["image"] = self.redraw_image(out["redraw"], self.redraw_seed(rng))
+        out["image"] = _redraw(out["redraw"], self.redraw_seed(rng), self.image_size)
       else:
         out["image"] = self._image(raw["image"], raw["name"], rng)
       out["has_image"] = np.bool_(True)
@@ -174,9 +174,6 @@ class Preprocessor:
   def redraw_seed(rng: np.random.Generator) -> int:
     """The one draw a redraw takes from an example's rng (the same with or without cache)."""
     return int(rng.integers(2**63))
-
-  def redraw_image(self, fields, seed: int) -> np.ndarray:
-    return _redraw(fields, seed, self.image_size)
 
   def _audio(self, wave, rate: int, rng):
     x = np.asarray(wave)
@@ -385,7 +382,7 @@ class DataPipeline:
     self._pending_state: dict | None = None
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    self.close()
+    self._close_iterator()  # a new pass keeps the cache's redraw workers
     self._iterator = _PipelineIterator(self, iter(self._dataset))
     if self._pending_state is not None:
       self._iterator.set_state(self._pending_state)
@@ -406,12 +403,15 @@ class DataPipeline:
       self._pending_state = state
 
   def close(self) -> None:
-    """Stops worker processes of the current iterator (and the cache's redraw workers)."""
+    """Stops worker processes of the current iterator and the cache's redraw workers."""
+    self._close_iterator()
+    if self._on_close is not None:
+      self._on_close()
+
+  def _close_iterator(self) -> None:
     if self._iterator is not None:
       self._iterator.close()
       self._iterator = None
-    if self._on_close is not None:
-      self._on_close()
 
   def __len__(self) -> int:
     if self.info.num_batches is None:
